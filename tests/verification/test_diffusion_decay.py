@@ -1,0 +1,162 @@
+"""Diffusion–decay: analytic Gaussian, cosine modes, order of accuracy, source, mass."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import log_log_slope, relative_l2, run_to
+
+from tmesolve.grid import Grid
+from tmesolve.model.verification import DiffusionDecay, diffusion_decay_params, gaussian_solution
+from tmesolve.operators import FaceBoundary
+
+D_UM2_PER_H = 60_000.0  # 1000 µm²/min, the DD3 benchmark's value
+DECAY_PER_H = 0.6  # 0.01 min⁻¹
+
+
+@pytest.fixture(params=["float64", "float32"])
+def precision(request, x64):
+    # float32 runs under x64 too: the dtype of the arrays, not the global flag, is what is tested.
+    return request.param, {"float64": jnp.float64, "float32": jnp.float32}[request.param]
+
+
+def test_free_space_gaussian_spectral(precision):
+    """3-D Gaussian (σ 40 → 87 µm) in a box 7σ wide each side: wall images are ~1e-12 of the peak.
+
+    float64: what is left is the aliasing of a 2-voxel Gaussian, e^{-(πσ/h)²/2} ≈ 3e-9;
+    float32: round-off of the matrix transforms (~1e-6 relative). Tolerances 1e-8 / 1e-5.
+    """
+    name, dtype = precision
+    grid = Grid((64, 64, 64), 20.0)
+    t_end = 0.05  # 3 min
+    u0 = gaussian_solution(grid, 0.0, 40.0, D_UM2_PER_H, DECAY_PER_H)
+    params = diffusion_decay_params(D_UM2_PER_H, DECAY_PER_H, dtype=dtype)
+    fields, _ = run_to(DiffusionDecay(grid), params, u0, t_end, dt_max=t_end, dtype=dtype)
+    exact = gaussian_solution(grid, t_end, 40.0, D_UM2_PER_H, DECAY_PER_H)
+    error = relative_l2(fields[0, 0], exact)
+    assert error < (1e-8 if name == "float64" else 1e-5), error
+
+
+def test_free_space_gaussian_explicit_is_second_order_accurate(x64):
+    """The explicit stencil on the same problem: error at the size of its h² term (≤ 1e-2)."""
+    grid = Grid((32, 32, 32), 20.0)
+    t_end = 0.05
+    u0 = gaussian_solution(grid, 0.0, 60.0, D_UM2_PER_H, DECAY_PER_H)
+    params = diffusion_decay_params(D_UM2_PER_H, DECAY_PER_H, dtype=jnp.float64)
+    fields, diagnostics = run_to(DiffusionDecay(grid, path="explicit"), params, u0, t_end, 1.0, jnp.float64)
+    exact = gaussian_solution(grid, t_end, 60.0, D_UM2_PER_H, DECAY_PER_H)
+    # h²/(12σ²)·(curvature terms) ≈ 20²/(12·60²)·d ≈ 3e-2 at worst; measured ~7e-3.
+    assert relative_l2(fields[0, 0], exact) < 1e-2
+    assert int(diagnostics["steps"]) > 10  # it really took explicit steps
+
+
+def cosine_mode(grid: Grid) -> tuple[np.ndarray, float]:
+    """u = cos(πx/L)cos(πy/L)cos(πz/L) on a no-flux cube and its κ² = 3(π/L)²."""
+    x, y, z = grid.coordinates
+    length = grid.lengths_um[0]
+    mode = np.cos(np.pi * x / length) * np.cos(np.pi * y / length) * np.cos(np.pi * z / length)
+    return mode, 3 * (np.pi / length) ** 2
+
+
+def test_cosine_mode_spectral_is_exact_at_any_step(precision):
+    """One mode evolves as exp(−(Dκ²+λ)t) to round-off, even with D·dt/h² = 1e4."""
+    name, dtype = precision
+    grid = Grid((16, 16, 16), 20.0)
+    mode, kappa_squared = cosine_mode(grid)
+    dt = 1e4 * grid.spacing_um**2 / D_UM2_PER_H
+    params = diffusion_decay_params(D_UM2_PER_H, DECAY_PER_H, dtype=dtype)
+    t_end = 0.02
+    fields, _ = run_to(DiffusionDecay(grid), params, mode, t_end, dt, dtype)
+    exact = mode * np.exp(-(D_UM2_PER_H * kappa_squared + DECAY_PER_H) * t_end)
+    assert relative_l2(fields[0, 0], exact) < (1e-12 if name == "float64" else 2e-6)
+
+
+@pytest.mark.parametrize("path,spectrum", [("explicit", "exact"), ("spectral", "second_order")])
+def test_spatial_order_is_two(x64, path, spectrum):
+    """Regression of log error over N = 8, 16, 32: the finite-volume stencil is second order.
+
+    Time steps are tiny relative to h² (explicit) or exact (spectral), so the
+    error is spatial. Slope expected 2 (accepted 1.9–2.1).
+    """
+    errors, sizes = [], [8, 16, 32]
+    for n in sizes:
+        grid = Grid((n, n, n), 640.0 / n)
+        mode, kappa_squared = cosine_mode(grid)
+        params = diffusion_decay_params(D_UM2_PER_H, DECAY_PER_H, dtype=jnp.float64)
+        t_end = np.log(2) / (D_UM2_PER_H * kappa_squared)
+        model = DiffusionDecay(grid, path=path, spectrum=spectrum)
+        fields, _ = run_to(model, params, mode, t_end, dt_max=t_end / 8, dtype=jnp.float64, safety=0.5)
+        exact = mode * np.exp(-(D_UM2_PER_H * kappa_squared + DECAY_PER_H) * t_end)
+        errors.append(relative_l2(fields[0, 0], exact))
+    order = -log_log_slope(sizes, errors)
+    assert 1.9 < order < 2.1, (order, errors)
+
+
+@pytest.mark.parametrize("name", ["float64", "float32"])
+def test_constant_source_reaches_s_over_lambda_with_huge_steps(x64, name):
+    """D·dt/h² = 1e4: the propagator stays bounded and positive and tends to S/λ."""
+    dtype = {"float64": jnp.float64, "float32": jnp.float32}[name]
+    grid = Grid((12, 12, 12), 20.0)
+    source, decay = 3.0, 0.5
+    dt = 1e4 * grid.spacing_um**2 / D_UM2_PER_H
+    rng = np.random.default_rng(0)
+    u0 = rng.uniform(0.0, 10.0, grid.shape)
+    params = diffusion_decay_params(D_UM2_PER_H, decay, source, dtype=dtype)
+    model = DiffusionDecay(grid)
+    previous = u0
+    for t_end in (dt, 5 * dt, 40.0):
+        fields, _ = run_to(model, params, previous, t_end - (0 if previous is u0 else 0), dt, dtype)
+        assert np.all(fields >= 0) and np.all(np.isfinite(fields))
+        assert fields.max() <= max(u0.max(), source / decay) * (1 + 1e-6)
+    fields, _ = run_to(model, params, u0, 40.0, dt, dtype)  # 40 h = 20/λ
+    tolerance = 1e-8 if name == "float64" else 1e-5
+    np.testing.assert_allclose(fields, source / decay, rtol=tolerance)
+
+
+@pytest.mark.parametrize("path", ["spectral", "explicit"])
+def test_mass_conserved_under_no_flux_walls(x64, path):
+    """No decay, no source: Σu is conserved; float64 relative drift ≤ 1e-12."""
+    grid = Grid((16, 12, 10), 20.0)
+    rng = np.random.default_rng(1)
+    u0 = rng.uniform(0.0, 1.0, grid.shape)
+    params = diffusion_decay_params(D_UM2_PER_H, 0.0, dtype=jnp.float64)
+    fields, diagnostics = run_to(DiffusionDecay(grid, path=path), params, u0, 0.5, 0.01, jnp.float64)
+    assert int(diagnostics["steps"]) >= 50
+    drift = abs(fields.sum() - u0.sum()) / u0.sum()
+    assert drift <= 1e-12, drift
+
+
+def test_fixed_value_walls_steady_state(x64):
+    """Fixed walls u = g with decay: steady 1-D profile g·cosh(x'/ℓ)/cosh(L/2ℓ), ℓ = √(D/λ).
+
+    Both paths are second order here (the lifted profile's odd extension has a
+    kink in u'', and the stencil's wall flux uses a half-cell difference): the
+    error is about (h/ℓ)²/8 ≈ 5e-3 at h = 10 µm, ℓ = 50 µm; measured 2e-3 / 4e-3.
+    """
+    n, h, g = 64, 10.0, 5.0
+    grid = Grid((n, 1, 1), h)
+    boundary = FaceBoundary(((g, g), ("no_flux", "no_flux"), ("no_flux", "no_flux")))
+    diffusivity, decay = 1000.0, 0.4
+    params = diffusion_decay_params(diffusivity, decay, dtype=jnp.float64)
+    for path in ("spectral", "explicit"):
+        model = DiffusionDecay(grid, path=path, boundary=boundary)
+        fields, _ = run_to(model, params, np.zeros(grid.shape), 60.0, 5.0, jnp.float64)
+        x = grid.axis_coordinates(0) - n * h / 2
+        length_scale = np.sqrt(diffusivity / decay)
+        exact = g * np.cosh(x / length_scale) / np.cosh(n * h / 2 / length_scale)
+        assert relative_l2(fields[0, 0, :, 0, 0], exact) < 6e-3, path
+
+
+def test_two_d_equals_z_uniform_three_d(x64):
+    """A 2-D grid (nz = 1) gives the same answer as a 3-D grid uniform along z."""
+    rng = np.random.default_rng(2)
+    plane = rng.uniform(0.0, 1.0, (10, 12))
+    # dt_max below both explicit limits (2-D h²/4D, 3-D h²/6D): the same steps in both runs.
+    params = diffusion_decay_params(D_UM2_PER_H, DECAY_PER_H, 0.5, dtype=jnp.float64)
+    for path in ("spectral", "explicit"):
+        flat, _ = run_to(DiffusionDecay(Grid((10, 12, 1)), path=path), params, plane[:, :, None], 0.05, 5e-4,
+                         jnp.float64)
+        thick, _ = run_to(DiffusionDecay(Grid((10, 12, 5)), path=path), params,
+                          np.repeat(plane[:, :, None], 5, axis=2), 0.05, 5e-4, jnp.float64)
+        np.testing.assert_allclose(thick[..., 2], flat[..., 0], rtol=1e-11, atol=1e-14)

@@ -1,0 +1,178 @@
+"""Chemotaxis equilibrium, positivity, Fisher–KPP fronts, splitting order, compile count, bad input."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import log_log_slope, relative_l2, run_to
+
+from tmesolve.errors import ConfigError
+from tmesolve.grid import Grid
+from tmesolve.integrate import Integrator, initial_state, make_solver_params
+from tmesolve.model.verification import (
+    Chemotaxis,
+    DiffusionDecay,
+    FisherKPP,
+    ablowitz_zeppetella,
+    chemotaxis_params,
+    diffusion_decay_params,
+    fisher_kpp_params,
+)
+
+
+def bump(grid: Grid, width_um: float) -> np.ndarray:
+    x, y, _ = grid.coordinates
+    cx, cy, _ = grid.centre_um
+    return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * width_um**2)) * np.ones(grid.shape)
+
+
+@pytest.mark.parametrize("dtype_name", ["float64", "float32"])
+def test_chemotaxis_reaches_boltzmann_equilibrium(x64, dtype_name):
+    """Frozen c, constant χ: the no-flux steady state is u ∝ exp(χc/D_u).
+
+    χc/D_u peaks at 2 (a 7× density contrast). The limited upwind flux is second
+    order where the profile is smooth; at 32² cells of 20 µm the measured error is
+    ~3e-3, so 1e-2 leaves room for float32 and still fails on any first-order slip.
+    """
+    dtype = {"float64": jnp.float64, "float32": jnp.float32}[dtype_name]
+    grid = Grid((32, 32, 1), 20.0)
+    diffusivity, sensitivity = 1.0e4, 2.0e4
+    attractant = bump(grid, 120.0)
+    params = chemotaxis_params(diffusivity, sensitivity, attractant, dtype=dtype)
+    u0 = np.full(grid.shape, 1000.0)
+    fields, _ = run_to(Chemotaxis(grid), params, u0, 20.0, 10.0, dtype)  # ~5 relaxation times
+    boltzmann = np.exp(sensitivity * attractant / diffusivity)
+    boltzmann *= u0.sum() / boltzmann.sum()
+    assert relative_l2(fields[0, 0], boltzmann) < 1e-2
+    assert abs(fields.sum() - u0.sum()) / u0.sum() < (1e-12 if dtype_name == "float64" else 1e-5)
+
+
+def test_positivity_under_steep_gradients_and_strong_chemotaxis(x64):
+    """Cells as a one-voxel spike and a step, attractant jumping by 50 units across a voxel.
+
+    χΔc/D_u = 100 per voxel: a central scheme would go negative at once; the limited
+    upwind scheme under its CFL must keep every value ≥ 0 (round-off allowed: −1e-12·max).
+    """
+    grid = Grid((24, 24, 1), 20.0)
+    x, y, _ = grid.coordinates
+    attractant = 50.0 * (x > grid.centre_um[0]) * np.ones(grid.shape) + 0.0 * y
+    u0 = np.zeros(grid.shape)
+    u0[3, 3, 0] = 1e6
+    u0[:, 12:, :] += 500.0
+    params = chemotaxis_params(100.0, 200.0, attractant, dtype=jnp.float64)
+    model = Chemotaxis(grid)
+    integrator = Integrator(model)
+    state = initial_state(model, u0[None, None], dtype=jnp.float64)
+    solver = make_solver_params(1.0, dtype=jnp.float64)
+    minima = []
+    for t_end in (0.5, 2.0, 10.0, 40.0):
+        state, _, diagnostics = integrator.advance(state, params, solver, t_end)
+        minima.append(float(diagnostics["minimum"]))
+    assert min(minima) >= -1e-12 * u0.max(), minima
+    assert abs(float(state.fields.sum()) - u0.sum()) / u0.sum() < 1e-12
+
+
+def front_position(u: np.ndarray, x: np.ndarray, level: float = 0.5) -> float:
+    """Where u crosses ``level`` (linear interpolation), for a decreasing front."""
+    i = int(np.argmax(u < level))
+    return float(x[i - 1] + (u[i - 1] - level) / (u[i - 1] - u[i]) * (x[i] - x[i - 1]))
+
+
+def test_fisher_kpp_front_speed(x64):
+    """From a step, the front speed tends to 2√(rD) (minus the Bramson lag 3/(2√(r/D) t)).
+
+    Measured between t = 50/r and 100/r the lag term lowers the mean speed by ~1 %;
+    the issue's 2 % bound is asserted. Explicit diffusion keeps u = 0 exactly zero
+    ahead of the front (see FisherKPP's docstring).
+    """
+    grid = Grid((700, 1, 1), 0.5)
+    x = grid.axis_coordinates(0)
+    u0 = (x < 10.0).astype(float)[:, None, None]
+    model = FisherKPP(grid, path="explicit")
+    params = fisher_kpp_params(1.0, 1.0, dtype=jnp.float64)
+    integrator = Integrator(model)
+    state = initial_state(model, u0[None, None], dtype=jnp.float64)
+    solver = make_solver_params(0.1, dtype=jnp.float64)
+    positions = {}
+    for t_end in (50.0, 100.0):
+        state, _, _ = integrator.advance(state, params, solver, t_end)
+        positions[t_end] = front_position(np.asarray(state.fields[0, 0, :, 0, 0]), x)
+    speed = (positions[100.0] - positions[50.0]) / 50.0
+    assert abs(speed - 2.0) / 2.0 < 0.02, speed
+
+
+def ablowitz_run(dt: float, order: int, t_end: float = 4.0):
+    grid = Grid((400, 1, 1), 0.25)
+    x = grid.axis_coordinates(0)
+    u0 = ablowitz_zeppetella(x, 0.0, 1.0, 1.0, shift=50.0)[:, None, None]
+    params = fisher_kpp_params(1.0, 1.0, dtype=jnp.float64)
+    fields, _ = run_to(FisherKPP(grid), params, u0, t_end, dt, jnp.float64, splitting_order=order)
+    return fields[0, 0, :, 0, 0], ablowitz_zeppetella(x, t_end, 1.0, 1.0, shift=50.0)
+
+
+def test_ablowitz_zeppetella_travelling_wave(x64):
+    """The exact wave moves at 5/√6 and keeps its shape: error ≤ 1e-4 at dt = 0.05."""
+    numeric, exact = ablowitz_run(0.05, 2)
+    assert relative_l2(numeric, exact) < 1e-4
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_temporal_order_of_the_splitting(x64, order):
+    """Regression of log error over four halvings of dt gives the declared order (±0.15).
+
+    Diffusion is exact in time and spectral in space, so the error is the
+    splitting's (and the reaction integrator's, second order). Lie's error has a
+    sizeable second-order part at large dt, so its steps start smaller.
+    """
+    steps = [0.05, 0.025, 0.0125, 0.00625] if order == 1 else [0.2, 0.1, 0.05, 0.025]
+    errors = [relative_l2(*ablowitz_run(dt, order)) for dt in steps]
+    measured = log_log_slope(steps, errors)
+    assert abs(measured - order) < 0.15, (measured, errors)
+
+
+def test_one_compile_per_configuration():
+    """A second chunk and new numbers (D, λ, dt cap, stop time) reuse the compiled loop."""
+    grid = Grid((8, 8, 8), 20.0)
+    model = DiffusionDecay(grid, path="explicit")
+    integrator = Integrator(model)
+    state = initial_state(model, np.ones((1, 1, 8, 8, 8)))
+    state, _, _ = integrator.advance(state, diffusion_decay_params(100.0, 0.1), make_solver_params(0.1), 0.5)
+    state, _, _ = integrator.advance(state, diffusion_decay_params(100.0, 0.1), make_solver_params(0.1), 1.0)
+    state, _, _ = integrator.advance(state, diffusion_decay_params(250.0, 0.3, 2.0), make_solver_params(0.05), 1.7)
+    assert integrator.trace_count == 1
+    assert float(state.time) == pytest.approx(1.7, rel=1e-7)
+
+
+def test_output_times_hit_exactly():
+    """The stop time is reached exactly, also when it is not a multiple of dt."""
+    grid = Grid((4, 4, 4), 20.0)
+    model = DiffusionDecay(grid)
+    integrator = Integrator(model)
+    state = initial_state(model, np.ones((1, 1, 4, 4, 4)))
+    for t_end in (0.37, 1.0, 2.3333333):
+        state, _, _ = integrator.advance(state, diffusion_decay_params(10.0, 0.0), make_solver_params(0.1), t_end)
+        assert float(state.time) == np.float32(t_end)
+
+
+@pytest.mark.parametrize(
+    "make, key, fragment",
+    [
+        (lambda: Grid((0, 4, 4)), "grid.shape[0]", "positive integer"),
+        (lambda: Grid((8, -2, 4)), "grid.shape[1]", "positive integer"),
+        (lambda: Grid((8, 8, 8), spacing_um=0.0), "grid.spacing_um", "> 0"),
+        (lambda: Grid((8, 8, 8), spacing_um=float("nan")), "grid.spacing_um", "finite"),
+        (lambda: diffusion_decay_params(-1.0, 0.1), "diffusivity", ">= 0"),
+        (lambda: diffusion_decay_params(1.0, -0.1), "decay", ">= 0"),
+        (lambda: diffusion_decay_params(float("nan"), 0.1), "diffusivity", "finite"),
+        (lambda: make_solver_params(0.0), "solver.dt_max", "> 0"),
+        (lambda: make_solver_params(-0.1), "solver.dt_max", "> 0"),
+        (lambda: make_solver_params(0.1, safety=2.0), "solver.safety", "[1e-06, 1]"),
+    ],
+)
+def test_bad_input_names_the_argument_value_and_expectation(make, key, fragment):
+    with pytest.raises(ConfigError) as caught:
+        make()
+    message = str(caught.value)
+    assert message.startswith(key) and fragment in message and "\n" not in message
+    assert "got" in message

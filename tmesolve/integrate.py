@@ -1,0 +1,132 @@
+"""The compiled loop: advance a state to a stop time, and the host loop over stops.
+
+One JIT region per output interval: ``advance(state, params, solver, t_end)``
+runs a ``lax.while_loop`` of split steps from ``state.time`` to ``t_end``.
+Each step's Δt is chosen on the device from the explicit stability limit
+(times a safety factor) and the user's cap, then shortened so that the
+remaining interval is cut into equal steps: ``t_end`` is hit exactly, with no
+host sync inside the interval. ``t_end`` and every number are traced, so one
+configuration compiles once, whatever the stop times and parameter values.
+
+The host loop visits the union of output times and event times (doses), so
+events fall on step boundaries exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tmesolve._pytree import pytree_dataclass, replace
+from tmesolve.errors import check_positive, check_range
+from tmesolve.model.base import Model, State
+from tmesolve.stepping import SplitStepper
+
+
+@pytree_dataclass
+class SolverParams:
+    """Numbers of the time stepper (traced leaves: changing them never recompiles).
+
+    Attributes:
+        dt_max: user cap on the step (h).
+        safety: fraction of the explicit stability limit used (0 < s ≤ 1).
+        max_steps: largest number of steps per output interval (guards runaway).
+    """
+
+    dt_max: jax.Array
+    safety: jax.Array
+    max_steps: jax.Array
+
+
+def make_solver_params(dt_max: float = 0.1, safety: float = 0.9, max_steps: int = 10_000_000,
+                       dtype=jnp.float32) -> SolverParams:
+    """Validated solver numbers (``solver.dt_max`` h, ``solver.safety``)."""
+    check_positive("solver.dt_max", dt_max)
+    check_range("solver.safety", safety, 1e-6, 1.0)
+    return SolverParams(dt_max=jnp.asarray(dt_max, dtype), safety=jnp.asarray(safety, dtype),
+                        max_steps=jnp.asarray(int(max_steps), jnp.int32))
+
+
+class SimulationError(RuntimeError):
+    """The state became non-finite or negative: the run stops with the time and field."""
+
+
+class Integrator:
+    """Compiles and runs a model. ``trace_count`` counts compilations of the chunk."""
+
+    def __init__(self, model: Model, splitting_order: int = 2) -> None:
+        self.model = model
+        self.stepper = SplitStepper(model, splitting_order)
+        self.trace_count = 0
+        self._advance = jax.jit(self._advance_impl, donate_argnums=(0,))
+
+    def _advance_impl(self, state: State, params: Any, solver: SolverParams, t_end: jax.Array):
+        self.trace_count += 1  # runs only while tracing
+        model, stepper = self.model, self.stepper
+        dtype = state.fields.dtype
+        t_end = jnp.asarray(t_end, dtype)
+        start_step = state.step
+
+        def keep_going(current: State) -> jax.Array:
+            return (current.time < t_end) & (current.step - start_step < solver.max_steps)
+
+        def one_step(current: State) -> State:
+            remaining = t_end - current.time
+            limit = jnp.minimum(solver.dt_max, solver.safety * model.stable_dt(current, params))
+            count = jnp.maximum(jnp.ceil(remaining / limit), 1.0)
+            dt = remaining / count
+            advanced = stepper.step(current, params, dt)
+            # The last step of the interval lands on t_end exactly (no drift of Σdt).
+            time = jnp.where(count <= 1.0, t_end, advanced.time)
+            return replace(advanced, time=time.astype(dtype))
+
+        state = jax.lax.while_loop(keep_going, one_step, state)
+        diagnostics = {
+            "finite": jnp.all(jnp.isfinite(state.fields)),
+            "minimum": jnp.min(state.fields),
+            "steps": state.step - start_step,
+        }
+        return state, model.readouts(state, params), diagnostics
+
+    def advance(self, state: State, params: Any, solver: SolverParams, t_end: float):
+        """Advance to ``t_end`` (h). Returns (state, readouts, diagnostics); ``state`` is donated."""
+        return self._advance(state, params, solver, jnp.asarray(t_end, state.fields.dtype))
+
+    def run(self, state: State, params: Any, solver: SolverParams, output_times: Iterable[float],
+            event_times: Iterable[float] = (),
+            on_output: Callable[[State, dict, dict], None] | None = None,
+            check_negative_below: float | None = None) -> State:
+        """Host loop: advance through every output and event time, calling ``on_output`` at outputs.
+
+        Raises :class:`SimulationError` as soon as a field is non-finite (or, if
+        ``check_negative_below`` is set, below that value) at a stop.
+        """
+        outputs = np.asarray(sorted(set(float(t) for t in output_times)), dtype=float)
+        events = np.asarray(sorted(set(float(t) for t in event_times)), dtype=float)
+        start = float(state.time)
+        stops = np.union1d(outputs, events)
+        stops = stops[stops > start]
+        for stop in stops:
+            state, readouts, diagnostics = self.advance(state, params, solver, float(stop))
+            if not bool(diagnostics["finite"]):
+                raise SimulationError(f"a field became non-finite before t = {stop:g} h; "
+                                      "reduce solver.dt_max or check the parameters")
+            if check_negative_below is not None and float(diagnostics["minimum"]) < check_negative_below:
+                raise SimulationError(f"a field became negative ({float(diagnostics['minimum']):.3g}) "
+                                      f"before t = {stop:g} h")
+            if on_output is not None and np.any(np.isclose(outputs, stop, rtol=0, atol=1e-9)):
+                on_output(state, readouts, diagnostics)
+        return state
+
+
+def initial_state(model: Model, fields: jax.Array | np.ndarray, aux: Any = (), time: float = 0.0,
+                  dtype=jnp.float32) -> State:
+    """A :class:`State` from stacked fields (species, lesions, nx, ny, nz)."""
+    fields = jnp.asarray(fields, dtype)
+    if fields.shape != model.field_shape:
+        raise ValueError(f"fields: got shape {fields.shape}; expected {model.field_shape}")
+    return State(fields=fields, time=jnp.asarray(time, dtype), step=jnp.asarray(0, jnp.int32), aux=aux)

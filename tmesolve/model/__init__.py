@@ -1,0 +1,1 @@
+"""Models that plug into the engine: species, parameters and local reactions."""
