@@ -1,0 +1,198 @@
+"""Systemic compartment: priming, memory, irAE and its management, positivity, vmap."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tmesolve.model.parameters import make_params
+from tmesolve.model.systemic import (
+    SystemicInputs,
+    apply_events,
+    initial_systemic,
+    irae_grade,
+    lymphodepletion_factor,
+    run_systemic,
+    steroid_effector_factor,
+    systemic_step,
+    tmb_priming_factor,
+)
+from tmesolve.therapy.regimens import build_schedule
+
+WEEK = 168.0
+FLUX = 1e4  # cells/h: the antigen flux that half-saturates naive priming at steady state
+
+
+@functools.partial(jax.jit, static_argnums=(6,))
+def _run(state, schedule, params, inputs, t_start, dt, n_steps):
+    return run_systemic(state, schedule, params, inputs, t_start, dt, n_steps)
+
+
+def _simulate(regimen, params=None, flux=FLUX, extravasation=0.0, weeks=16, dt=1.0, **kwargs):
+    params = make_params(**kwargs) if params is None else params
+    schedule = build_schedule(regimen)
+    state = initial_systemic(params, antigen_flux=flux, schedule=schedule)
+    dtype = state.T_b.dtype
+    inputs = SystemicInputs(jnp.asarray(flux, dtype), jnp.asarray(extravasation, dtype))
+    return _run(state, schedule, params, inputs, 0.0, dt, int(weeks * WEEK / dt))
+
+
+def test_untreated_steady_state_is_kept():
+    final, record = _simulate("none")
+    start = initial_systemic(make_params(), antigen_flux=FLUX)
+    assert float(start.T_b) > 0.0 and float(start.M) > 0.0
+    # Each exponential update has the steady state as its exact fixed point;
+    # only float32 round-off (~1e-7 per step) may move it.
+    np.testing.assert_allclose(np.asarray(record["T_b"]), float(start.T_b), rtol=1e-4)
+    assert float(final.R) == 0.0
+
+
+def test_anti_ctla4_raises_priming():
+    _, without = _simulate("none")
+    _, ipilimumab = _simulate("ipilimumab")
+    # e_C = 2.86 at near-full occupancy lifts naive priming up to ~3.9×; T_b follows.
+    assert float(ipilimumab["T_b"].max()) > 1.5 * float(without["T_b"].max())
+    _, nivolumab = _simulate("nivolumab")
+    np.testing.assert_allclose(np.asarray(nivolumab["T_b"]), np.asarray(without["T_b"]))
+
+
+def test_priming_delay_and_tmb():
+    params = make_params()
+    state = initial_systemic(params, antigen_flux=0.0)
+    assert float(state.T_b) == 0.0
+    schedule = build_schedule("none")
+    inputs = SystemicInputs(jnp.float32(1e5), jnp.float32(0.0))
+    _, record = _run(state, schedule, params, inputs, 0.0, 1.0, 16 * 168)
+    blood = np.asarray(record["T_b"])
+    # Six transit compartments of mean 6 days: almost nothing reaches blood in the first 2 days.
+    assert blood[48] < 0.02 * blood[-1]
+    assert blood[-1] > 0.0
+    low = make_params(lesion_overrides=[{"TMB": 1.0}], lesions=1)
+    assert float(tmb_priming_factor(low)) < float(tmb_priming_factor(params))
+    _, record_low = _run(state, schedule, low, inputs, 0.0, 1.0, 16 * 168)
+    assert float(record_low["T_b"][-1]) < 0.5 * float(blood[-1])
+
+
+def test_memory_is_capped():
+    params = make_params({"k_pr": 100.0, "f_M": 0.5})
+    _, record = _simulate("ipilimumab", params=params, flux=1e7)
+    memory = np.asarray(record["M"])
+    m_max = float(params["M_max"])
+    assert memory.max() <= m_max * (1 + 1e-6)  # float32 round-off only
+    assert memory.max() > 0.9 * m_max  # the cap is reached, not just unapproached
+
+
+def test_irae_higher_under_the_combination():
+    params = make_params({"manage_irae": 0.0})
+    _, nivolumab = _simulate("nivolumab", params=params)
+    _, combination = _simulate("nivolumab_ipilimumab", params=params)
+    assert float(combination["R"].max()) > 2.0 * float(nivolumab["R"].max())
+    assert float(nivolumab["R"].max()) > 0.0
+
+
+def test_management_holds_the_drug_and_gives_steroids():
+    params = make_params({"k_R": 0.05})  # fast irAE build-up: grade 3 within the first cycle
+    final, record = _simulate("nivolumab", params=params)
+    held = np.asarray(record["held"])
+    assert held[-1] == 1.0 and float(final.doses_skipped) > 0.0
+    first_held = int(np.argmax(held > 0))
+    grade = np.asarray(record["grade"])
+    assert grade[first_held] >= 3.0
+    # No dose lands after the hold: the plasma level only falls from then on.
+    concentration = np.asarray(record["concentration"])[first_held:, 0]
+    assert np.all(np.diff(concentration) <= 0.0)
+    assert float(steroid_effector_factor(final, params)) < 1.0
+    unmanaged = make_params({"k_R": 0.05, "manage_irae": 0.0})
+    final_unmanaged, _ = _simulate("nivolumab", params=unmanaged)
+    assert float(final_unmanaged.doses_skipped) == 0.0 and float(final_unmanaged.doses_given) == 9  # weeks 0, 2, ..., 16
+    assert float(steroid_effector_factor(final_unmanaged, unmanaged)) == 1.0
+
+
+def test_states_stay_non_negative_under_heavy_extravasation():
+    params = make_params()
+    schedule = build_schedule("act")
+    state = initial_systemic(params, antigen_flux=FLUX, schedule=schedule)
+    # 1e9 cells/h leaving a blood pool of ~5e8 cells: explicit Euler would go negative.
+    inputs = SystemicInputs(jnp.float32(0.0), jnp.float32(1e9))
+    final, record = _run(state, schedule, params, inputs, 0.0, 1.0, 16 * 168)
+    for name in ("T_b", "M", "R", "antigen_ln"):
+        assert np.all(np.asarray(record[name]) >= 0.0), name
+    assert np.all(np.asarray(final.transit) >= 0.0)
+    assert np.all(np.isfinite(np.asarray(record["T_b"])))
+
+
+def test_act_adds_cells_per_blood_volume():
+    params = make_params()
+    schedule = build_schedule("act", act_cells=5e9)
+    state = initial_systemic(params, schedule=schedule)
+    assert float(state.T_b) == pytest.approx(5e9 / 5e6)  # cells/µL in 5 L
+
+
+def test_lymphodepletion_window():
+    params = make_params()
+    schedule = build_schedule("act_with_lymphodepletion", start_h=WEEK)
+    inside = lymphodepletion_factor(WEEK + 10.0, schedule, params)
+    outside = lymphodepletion_factor(WEEK + 400.0, schedule, params)
+    assert [float(x) for x in inside] == [2.0, 0.5]
+    assert [float(x) for x in outside] == [1.0, 1.0]
+    state = initial_systemic(params, schedule=schedule, t_start=0.0)
+    assert float(state.lymphodepleted) == 1.0  # window opened 7 days before the infusion
+    state = apply_events(state, schedule, WEEK + 335.0, WEEK + 336.0, params)
+    assert float(state.lymphodepleted) == 0.0
+    assert [float(x) for x in lymphodepletion_factor(state, schedule, params)] == [1.0, 1.0]
+
+
+def test_grades_follow_thresholds():
+    params = make_params()
+    grades = irae_grade(jnp.asarray([0.0, 0.99, 1.0, 2.5, 3.0, 7.0]), params)
+    assert grades.tolist() == [0.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_step_size_convergence():
+    _, coarse = _simulate("nivolumab_ipilimumab", weeks=8, dt=1.0, overrides={"manage_irae": 0.0})
+    _, fine = _simulate("nivolumab_ipilimumab", weeks=8, dt=0.25, overrides={"manage_irae": 0.0})
+    # The module docstring promises < 0.1 % between dt = 1 h and 0.25 h (ETD2 updates;
+    # the measured gap, ~5e-5, is float32 round-off). Compare the same times.
+    np.testing.assert_allclose(np.asarray(coarse["T_b"]), np.asarray(fine["T_b"])[3::4], rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(coarse["R"]), np.asarray(fine["R"])[3::4], rtol=1e-3,
+                               atol=1e-5)
+
+
+def test_jit_vmap_over_patients_equals_single_runs():
+    params = [make_params({"k_pr": 0.98}), make_params({"k_pr": 2.0, "e_C": 1.0})]
+    schedule = build_schedule("nivolumab_ipilimumab")
+    inputs = [SystemicInputs(jnp.float32(1e4), jnp.float32(1e5)),
+              SystemicInputs(jnp.float32(3e4), jnp.float32(0.0))]
+    states = [initial_systemic(p, antigen_flux=1e4, schedule=schedule) for p in params]
+
+    def stack(trees):
+        return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+
+    step = jax.jit(jax.vmap(systemic_step, in_axes=(0, 0, 0, None, None, None)))
+    single_step = jax.jit(systemic_step)
+    batched = stack(states)
+    singles = list(states)
+    for k in range(50):
+        batched = step(batched, stack(inputs), stack(params), schedule.pk, k * 1.0, 1.0)
+        singles = [single_step(s, i, p, schedule.pk, k * 1.0, 1.0)
+                   for s, i, p in zip(singles, inputs, params, strict=True)]
+    for index, single in enumerate(singles):
+        for got, want in zip(jax.tree_util.tree_leaves(batched),
+                             jax.tree_util.tree_leaves(single), strict=True):
+            # Same arithmetic, possibly fused differently by XLA: float32 round-off only.
+            np.testing.assert_allclose(np.asarray(got)[index], np.asarray(want), rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_float64_matches_float32(x64):
+    params64 = make_params({"manage_irae": 0.0}, dtype=jnp.float64)
+    _, record64 = _simulate("nivolumab_ipilimumab", params=params64)
+    assert record64["T_b"].dtype == jnp.float64
+    _, record32 = _simulate("nivolumab_ipilimumab", params=make_params({"manage_irae": 0.0}))
+    assert record32["T_b"].dtype == jnp.float32
+    # 2688 float32 steps accumulate ~1e-5 relative round-off.
+    np.testing.assert_allclose(np.asarray(record32["T_b"]), np.asarray(record64["T_b"]), rtol=1e-4)
