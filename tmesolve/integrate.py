@@ -129,4 +129,7 @@ def initial_state(model: Model, fields: jax.Array | np.ndarray, aux: Any = (), t
     fields = jnp.asarray(fields, dtype)
     if fields.shape != model.field_shape:
         raise ValueError(f"fields: got shape {fields.shape}; expected {model.field_shape}")
+    # Every leaf gets its own buffer: the loop donates the state, and one array
+    # shared by two leaves cannot be donated twice.
+    aux = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), aux)
     return State(fields=fields, time=jnp.asarray(time, dtype), step=jnp.asarray(0, jnp.int32), aux=aux)

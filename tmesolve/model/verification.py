@@ -33,7 +33,7 @@ from tmesolve.operators import (
     ssp_rk2,
 )
 from tmesolve.spectral import SPECTRA
-from tmesolve.stepping import patankar_rk2
+from tmesolve.stepping import positive_exponential_heun
 
 DIFFUSION_PATHS = ("spectral", "explicit")
 
@@ -156,7 +156,7 @@ def fisher_kpp_params(diffusivity: float, rate: float, dtype=jnp.float32) -> Fis
 
 
 class FisherKPP(Model):
-    """∂u/∂t = DΔu + r u(1 − u): logistic growth by MPRK22, diffusion spectral or explicit.
+    """∂u/∂t = DΔu + r u(1 − u): logistic growth by the positive exponential Heun scheme, diffusion spectral or explicit.
 
     u = 0 is unstable: round-off of the dense spectral transforms (1e-16 of the
     maximum, everywhere) grows like e^{rt} ahead of the front and fills the box
@@ -189,7 +189,7 @@ class FisherKPP(Model):
         def production_and_loss(u):
             return params.rate * u, params.rate * u  # u' = r u − (r u)·u
 
-        return replace(state, fields=patankar_rk2(production_and_loss, state.fields, dt))
+        return replace(state, fields=positive_exponential_heun(production_and_loss, state.fields, dt))
 
 
 def ablowitz_zeppetella(x: np.ndarray, t: float, diffusivity: float, rate: float,
