@@ -1,7 +1,26 @@
-"""tmesolve: the tumour microenvironment under immunotherapy, JIT-compiled with JAX."""
+"""tmesolve: the tumour microenvironment under immunotherapy, JIT-compiled with JAX.
+
+Public API: :func:`run` (a run from config overrides, as the ``tmesolve``
+command does), :func:`open` (read a run file), :class:`Grid`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from tmesolve.grid import Grid
+from tmesolve.io.reader import RunData
+from tmesolve.io.reader import open_run as open  # noqa: A001 - the documented reader name
 
 __version__ = "0.1.0"
 
-__all__ = ["Grid", "__version__"]
+__all__ = ["Grid", "RunData", "open", "run", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``run`` needs Hydra; importing it lazily keeps the core free of Hydra.
+    if name == "run":
+        from tmesolve.api import run
+
+        return run
+    raise AttributeError(f"module 'tmesolve' has no attribute {name!r}")

@@ -51,6 +51,9 @@ class Model:
     lesions: int = 1
     fast_boundary: FaceBoundary = FaceBoundary()
     spectrum: str = "exact"
+    #: Trace each sub-solver once (a loop over a switch) rather than once per use
+    #: in the splitting sequence: for large models, halves compile time.
+    trace_substeps_once: bool = False
 
     def _declare(self, species: tuple[Species, ...]) -> None:
         self.species = ordered_species(species)

@@ -129,10 +129,11 @@ _UM2_PER_H_PER_CM2_PER_S = 1e8 * 3600.0
 
 PARAMETERS: tuple[Parameter, ...] = (
     # ------------------------------------------------------------------ tumour
-    _p("r_C", 6.2e-4, "1/h", 0.0, 0.1, "tumour",
+    _p("r_C", 6.0e-3, "1/h", 0.0, 0.1, "tumour",
        "tumour-cell proliferation rate (scaled by Φ_O and (1 − φ)₊)",
-       "calibrated: well-mixed prototype, untreated doubling ≈ 40–100 d (PARAMETERS.md); "
-       "still to tune in 3-D", per_lesion=True),
+       "calibrated in 3-D (docs/model.md): ×10 the well-mixed 6.2e-4 /h, because a lesion "
+       "started near packing has (1 − φ) ≈ 0.1; the prototype's value let untreated hot "
+       "lesions shrink (PARAMETERS.md, third 2-D check)", per_lesion=True),
     _p("K_C", 8.7e4, "cells/mm^3", 1.0, 4e6, "tumour",
        "half-saturation of engagement e = a·C/(C + K_C)",
        "calibrated: well-mixed prototype (PARAMETERS.md)"),
@@ -179,9 +180,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     _p("K_Bm", 1.0, "ng/mL", 1e-6, 1e4, "tcell",
        "TGF-β level halving motility and extravasation (Mariathasan 2018)",
        "calibrated: 2-D prototype (0.3 turns excluded into desert)"),
-    _p("k_in", 20.0, "1/h", 0.0, 1e3, "tcell",
+    _p("k_in", 40.0, "1/h", 0.0, 1e3, "tcell",
        "extravasation rate per unit vessel density V and blood effector level T_b",
-       "calibrated: second 2-D check (≤ tumour blood flow 6–60 /h)"),
+       "calibrated in 3-D (docs/model.md): hot-core CD8 ≈ 440 cells/mm² at day 14; "
+       "2-D checks used 20 (≤ tumour blood flow 6–60 /h)"),
     _p("alpha_0", 0.05, "1", 0.0, 100.0, "tcell",
        "baseline (chemokine-independent) extravasation factor", "calibrated: second 2-D check"),
     _p("alpha_X", 2.15, "1", 0.0, 100.0, "tcell",
@@ -285,9 +287,10 @@ PARAMETERS: tuple[Parameter, ...] = (
        "IFN-γ half-saturation of PD-L1 induction", "spQSP; QSP-IO (Shin 2017)"),
     _p("tau_P", 12.0, "h", 1e-3, 1e4, "pd1",
        "relaxation time of PD-L1 expression", "Garcia-Diaz 2017 (hours to a day)"),
-    _p("rho_PDL1", 17.0, "molecules/um^2", 0.0, 1e4, "pd1",
+    _p("rho_PDL1", 60.0, "molecules/um^2", 0.0, 1e4, "pd1",
        "synapse PD-L1 density of a fully induced tumour cell (Q = ρ·P·(1−θ₁)(1−θ₂))",
-       "calibrated: 2-D prototype (Φ_PD ≈ 0.23 in the hot state)"),
+       "calibrated in 3-D (docs/model.md): Φ_PD ≈ 0.1 in the untreated hot core, so that "
+       "anti-PD-1 separates hot from cold; the 2-D prototype used 17"),
     _p("Q_50", 6.0, "molecules/um^2", 1e-6, 1e4, "pd1",
        "PD-1/PD-L1 complex density of half-maximal suppression",
        "QSP-IO (Cheng 2013; Jafarnejad 2019)"),

@@ -1,0 +1,173 @@
+"""Stopped (or killed) and resumed runs equal uninterrupted ones, bit for bit (CPU, float32)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tmesolve.io.hdf5 import RunFileError
+from tmesolve.simulation import available_kinds, flatten_state, unflatten_state
+
+#: Chemotaxis with explicit transport: many steps per output, so a resumed run
+#: must restore the state exactly to reproduce each step size and value.
+CHEMOTAXIS = [
+    "experiment=verify_chemotaxis",
+    "grid.shape=[12,12,1]",
+    "grid.spacing_um=40",
+    "output.duration_h=6",
+    "output.interval_h=1",
+    "output.snapshot_every=2",
+    "output.plots=false",
+    "output.progress=log",
+]
+
+#: A small TME run (used once the TME builder is part of the build).
+TME = [
+    "experiment=tme",
+    "grid.shape=[16,16,16]",
+    "grid.spacing_um=25",
+    "patient.lesions.0.radius_um=120",
+    "output.duration_h=96",
+    "output.interval_h=24",
+    "output.plots=false",
+    "output.progress=log",
+]
+
+
+def assert_same_results(app, expected: Path, actual: Path) -> None:
+    reference = app.datasets(expected / "run.h5")
+    resumed = app.datasets(actual / "run.h5")
+    assert sorted(reference) == sorted(resumed)
+    for name, values in reference.items():
+        assert resumed[name].dtype == values.dtype, name
+        assert np.array_equal(resumed[name], values, equal_nan=True), name
+    with h5py.File(expected / "run.h5", "r") as a, h5py.File(actual / "run.h5", "r") as b:
+        assert b.attrs["status"] == "complete"
+        for key, dataset in a["checkpoint/arrays"].items():
+            assert np.array_equal(dataset[()], b["checkpoint/arrays"][key][()]), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from tmesolve.cli import main_with_overrides
+
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main_with_overrides([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"]) == 0
+    return run_dir
+
+
+def test_stopped_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, _ = app.run_in_process(
+        [*CHEMOTAXIS, "output.stop_after_snapshots=2", f"hydra.run.dir={run_dir}"]
+    )
+    assert code == 0
+    with h5py.File(run_dir / "run.h5", "r") as file:
+        assert file.attrs["status"] == "running"
+        # snapshot_every=2: snapshots at outputs 0 and 2 (t = 0, 2 h), records at 0, 1, 2 h.
+        np.testing.assert_array_equal(file["time"][()], [0.0, 2.0])
+        np.testing.assert_array_equal(file["timeseries/time"][()], [0.0, 1.0, 2.0])
+    overrides_before = (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+    # Run-control settings (plots, progress) come from the resuming command.
+    code, stdout, stderr = app.run_in_process([f"resume={run_dir}", "output.plots=false"])
+    assert code == 0, stderr
+    assert_same_results(app, uninterrupted, run_dir)
+    # Resuming keeps Hydra's record of the original job (tmesolve-summary reads it).
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides_before
+    with h5py.File(run_dir / "run.h5", "r") as file:
+        assert len(file.attrs["resumed"]) == 1
+
+
+KILL_AFTER_CHECKPOINTS = """
+import os, signal, sys
+from tmesolve.io.hdf5 import RunWriter
+original = RunWriter.write_checkpoint
+count = 0
+def write_then_die(self, *args, **kwargs):
+    global count
+    original(self, *args, **kwargs)
+    count += 1
+    if count == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # no close, no status: as a node failure
+RunWriter.write_checkpoint = write_then_die
+from tmesolve.cli import main_with_overrides
+sys.exit(main_with_overrides(sys.argv[1:]))
+"""
+
+
+def test_killed_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
+    """SIGKILL right after the 4th checkpoint (t = 3 h); the file opens, says running, resumes."""
+    run_dir = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINTS, *CHEMOTAXIS, f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ},
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with h5py.File(run_dir / "run.h5", "r") as file:
+        assert file.attrs["status"] == "running"
+        assert file["checkpoint"].attrs["time_h"] == 3.0
+    # The same command again (resume=auto): it finds its run.h5 and continues.
+    code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
+    assert code == 0, stderr
+    assert_same_results(app, uninterrupted, run_dir)
+
+
+@pytest.mark.skipif(
+    "tme" not in available_kinds(),
+    reason="the TME builder (tmesolve.model.tme_setup) is not part of this build yet",
+)
+def test_tme_stopped_and_resumed_equals_uninterrupted(app, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert app.run_in_process([*TME, f"hydra.run.dir={full}"])[0] == 0
+    assert (
+        app.run_in_process([*TME, "output.stop_after_snapshots=2", f"hydra.run.dir={part}"])[0] == 0
+    )
+    code, _, stderr = app.run_in_process([f"resume={part}", "output.plots=false"])
+    assert code == 0, stderr
+    assert_same_results(app, full, part)
+
+
+def test_state_round_trip_keeps_structure_dtypes_and_keys():
+    """Flattened checkpoint arrays rebuild the same pytree: nested aux, ints, PRNG keys."""
+    from tmesolve.model.base import State
+
+    state = State(
+        fields=jnp.arange(24, dtype=jnp.float32).reshape(1, 1, 2, 3, 4),
+        time=jnp.float32(1.5),
+        step=jnp.int32(7),
+        aux={"blood": (jnp.ones(3), jnp.int32(2)), "key": jax.random.key(3)},
+    )
+    arrays, treedef = flatten_state(state)
+    assert ".fields" in arrays and arrays[".step"].dtype == np.int32
+    restored = unflatten_state(state, {key: np.copy(value) for key, value in arrays.items()})
+    assert str(jax.tree_util.tree_structure(restored)) == treedef
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            assert np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
+        else:
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_checkpoint_of_another_configuration_is_refused():
+    from tmesolve.model.base import State
+
+    state = State(fields=jnp.zeros((1, 1, 2, 2, 2)), time=jnp.float32(0), step=jnp.int32(0))
+    arrays, _ = flatten_state(state)
+    with pytest.raises(RunFileError, match="fields"):
+        unflatten_state(state, {**arrays, ".fields": np.zeros((1, 1, 3, 2, 2), np.float32)})
+    with pytest.raises(RunFileError, match="missing"):
+        unflatten_state(state, {key: value for key, value in arrays.items() if key != ".step"})

@@ -1,0 +1,468 @@
+"""The tumour-microenvironment model of MODEL.md as an engine model.
+
+Fields per lesion (units in brackets), in engine order (fast linear first):
+
+=============  =====================  ===================  ==============
+name           symbol                 units                transport
+=============  =====================  ===================  ==============
+oxygen         O                      mmHg                 fast linear
+ifn_gamma      G                      ng/mL                fast linear
+cxcl9_10       X                      ng/mL                fast linear
+il2            L                      ng/mL                fast linear
+tgf_beta       B                      ng/mL                fast linear
+anti_pd1       A1                     µg/mL                fast linear
+anti_pdl1      A2                     µg/mL                fast linear
+tumour_cells   C                      cells/mm³            cell
+necrotic_debris N                     cells/mm³            cell (v only)
+effector_t_cells T                    cells/mm³            cell
+exhausted_t_cells E                   cells/mm³            cell
+host_phase     H                      cells/mm³            cell (v only)
+vessels        V                      1                    carried by v
+stroma         S                      1                    carried by v
+antigenicity   a                      1                    carried by v
+pd_l1          P                      1                    none
+=============  =====================  ===================  ==============
+
+The step splits into (see :mod:`tmesolve.stepping`): local reactions of every
+field plus the systemic compartment (MPRK22, positive; the systemic ODEs with
+exact exponentials), explicit cell transport (tissue velocity from the volume
+balance, Itô motility, chemotaxis up ∇X; SSP-RK2, conservative), and the exact
+spectral propagator of the seven fast species.
+
+Units: µm, h, cells·mm⁻³ (1 mm³ = 1 µL, so T_b in cells·µL⁻¹ is directly a
+tissue density), ng·mL⁻¹, µg·mL⁻¹, mmHg.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tmesolve._pytree import pytree_dataclass, replace
+from tmesolve.grid import Grid
+from tmesolve.model.base import Model, State
+from tmesolve.model.parameters import ModelParams
+from tmesolve.model.species import Species, Transport
+from tmesolve.model.systemic import (
+    SystemicInputs,
+    SystemicState,
+    apply_events,
+    lymphodepletion_factor,
+    plasma_concentration,
+    plasma_occupancy,
+    steroid_effector_factor,
+    systemic_step,
+)
+from tmesolve.operators import (
+    FaceBoundary,
+    _slice,
+    _spatial_axis,
+    diffusion_rate,
+    divergence,
+    explicit_stable_dt,
+    forward_difference,
+    gradient_face_velocities,
+    ito_motility_rate,
+    max_face_speed,
+    ssp_rk2,
+    upwind_flux,
+)
+from tmesolve.spectral import Eigenbasis, solve_poisson
+from tmesolve.stepping import _frozen_exponential
+from tmesolve.therapy.regimens import Schedule
+
+F, C_, N = Transport.FAST_LINEAR, Transport.CELL, Transport.NONE
+
+#: The one list of TME fields: name, symbol, units, transport, long name.
+SPECIES: tuple[Species, ...] = (
+    Species("oxygen", "O", "mmHg", F, "oxygen partial pressure"),
+    Species("ifn_gamma", "G", "ng/mL", F, "interferon gamma"),
+    Species("cxcl9_10", "X", "ng/mL", F, "CXCL9/10 chemokine"),
+    Species("il2", "L", "ng/mL", F, "interleukin 2"),
+    Species("tgf_beta", "B", "ng/mL", F, "transforming growth factor beta"),
+    Species("anti_pd1", "A1", "ug/mL", F, "anti-PD-1 antibody in tissue"),
+    Species("anti_pdl1", "A2", "ug/mL", F, "anti-PD-L1 antibody in tissue"),
+    Species("tumour_cells", "C", "cells/mm^3", C_, "viable tumour cells"),
+    Species("necrotic_debris", "N", "cells/mm^3", C_, "necrotic tumour debris"),
+    Species("effector_t_cells", "T", "cells/mm^3", C_, "effector CD8 T cells"),
+    Species("exhausted_t_cells", "E", "cells/mm^3", C_, "exhausted CD8 T cells"),
+    Species("host_phase", "H", "cells/mm^3", C_, "host tissue (normal cells and matrix)"),
+    Species("vessels", "V", "1", C_, "vessel density"),
+    Species("stroma", "S", "1", C_, "stroma/ECM density"),
+    Species("antigenicity", "a", "1", C_, "tumour antigenicity"),
+    Species("pd_l1", "P", "1", N, "PD-L1 expression per tumour cell"),
+)
+SYMBOLS = {s.symbol: i for i, s in enumerate(SPECIES)}
+FAST = ("O", "G", "X", "L", "B", "A1", "A2")
+PHASES = ("C", "N", "T", "E", "H")          # the saturated mixture, Σ = K_max
+CARRIED_MAPS = ("V", "S", "a")
+PHENOTYPE_CODES = {"inflamed": 0, "excluded": 1, "desert": 2}
+
+
+@pytree_dataclass
+class TMEParams:
+    """Everything numeric the TME step needs (all array leaves).
+
+    Attributes:
+        model: the parameter table's values (:class:`ModelParams`).
+        schedule: therapy events and PK constants.
+        volume_scale: (lesions,) represented / simulated tumour volume; scales
+            the lesion's systemic fluxes and its extinction count.
+        baseline_burden: (lesions,) simulated viable cells at t = 0 (cells).
+        baseline_diameter_mm: (lesions,) represented baseline diameter d₀ (mm).
+        host_vessels: (lesions,) vessel density carried in with host tissue at the walls.
+    """
+
+    model: ModelParams
+    schedule: Schedule
+    volume_scale: jax.Array
+    baseline_burden: jax.Array
+    baseline_diameter_mm: jax.Array
+    host_vessels: jax.Array
+
+
+@pytree_dataclass
+class TMEAux:
+    """Non-field state: the patient's systemic compartment and event bookkeeping."""
+
+    systemic: SystemicState
+    events_applied_until: jax.Array
+
+
+def _per_lesion(value: jax.Array) -> jax.Array:
+    """Broadcast a (lesions,) parameter against fields (lesions, nx, ny, nz)."""
+    value = jnp.asarray(value)
+    return value[:, None, None, None] if value.ndim == 1 else value
+
+
+class TMEModel(Model):
+    """MODEL.md on a grid of ``lesions`` lesion boxes sharing one systemic compartment."""
+
+    trace_substeps_once = True
+
+    def __init__(self, grid: Grid, lesions: int = 1, margin_width_um: float = 100.0,
+                 tissue_velocity: bool = True) -> None:
+        """Args:
+            grid: one lesion's box; lesions: number of lesion boxes (leading axis).
+            margin_width_um: width of the invasive-margin band of the readouts (µm).
+            tissue_velocity: advect every phase and map with the volume-balance
+                velocity (MODEL.md); False switches it off (well-mixed checks).
+        """
+        self.grid, self.lesions, self.tissue_velocity = grid, lesions, tissue_velocity
+        self.fast_boundary = FaceBoundary()   # no-flux boxes for cytokines and drugs
+        # The second-order spectrum keeps the propagator positive (an M-matrix
+        # exponential); the exact one rings (Gibbs) at sharp sources.
+        self.spectrum = "second_order"
+        self._declare(SPECIES)
+        self.pressure_basis = Eigenbasis(grid, FaceBoundary.all_fixed(0.0), "second_order")
+        self.margin_cells = max(1, int(round(0.5 * margin_width_um / grid.spacing_um)))
+
+    # --- helpers -----------------------------------------------------------
+    def field(self, fields: jax.Array, symbol: str) -> jax.Array:
+        return fields[self.index(SPECIES[SYMBOLS[symbol]].name)]
+
+    def _unstack(self, fields: jax.Array) -> dict[str, jax.Array]:
+        return {s.symbol: fields[self.index(s.name)] for s in SPECIES}
+
+    def _stack(self, values: dict[str, jax.Array]) -> jax.Array:
+        return jnp.stack([values[s.symbol] for s in self.species_symbols()])
+
+    def species_symbols(self):
+        by_name = {s.name: s.symbol for s in SPECIES}
+        return [by_name[s.name] for s in self.species]
+
+    # --- fast linear species -------------------------------------------------
+    def linear_coefficients(self, params: TMEParams):
+        """D and λ of O, G, X, L, B, A1, A2.
+
+        Oxygen's decay λ_O is left to its local update instead: oxygen is stiff
+        (uptake ~10² h⁻¹), and splitting its 6 h⁻¹ decay from that uptake cost 5 %
+        of O in the well-mixed check; inside the exact local update it costs nothing.
+        """
+        p = params.model
+        diffusivity = jnp.stack([p["D_O"], p["D_G"], p["D_X"], p["D_L"], p["D_B"], p["D_A"], p["D_A"]])
+        decay = jnp.stack([jnp.zeros_like(p["lambda_O"]), p["lambda_G"], p["lambda_X"], p["lambda_L"],
+                           p["lambda_B"], p["lambda_A"], p["lambda_A"]])
+        return diffusivity, decay
+
+    # --- local terms ----------------------------------------------------------
+    def local_terms(self, u: dict[str, jax.Array], params: TMEParams, systemic: SystemicState,
+                    time: jax.Array):
+        """Production P ≥ 0 and per-capita loss Λ ≥ 0 of every field (MODEL.md, 'Key terms').
+
+        Returns (production, loss, extras) where extras holds the rates the
+        systemic compartment needs (killing, extravasation) per voxel.
+        """
+        p = params.model
+        K_max = p["K_max"]
+        C, N_, T, E, O = u["C"], u["N"], u["T"], u["E"], u["O"]
+        G, X, L, B, P_ = u["G"], u["X"], u["L"], u["B"], u["P"]
+        V, S, a = u["V"], u["S"], u["a"]
+        f_spec = _per_lesion(p["f_spec"])
+        T_star = f_spec * T
+
+        occupancy = plasma_occupancy(systemic, p, params.schedule.pk)   # (3,) PD1, PDL1, CTLA4
+        plasma = plasma_concentration(systemic, params.schedule.pk)
+        theta_1 = u["A1"] / (u["A1"] + p["K_D_PD1"])
+        theta_2 = u["A2"] / (u["A2"] + p["K_D_PDL1"])
+        theta = 1.0 - (1.0 - theta_1) * (1.0 - theta_2)
+        engagement_density = p["rho_PDL1"] * P_ * (1.0 - theta_1) * (1.0 - theta_2)
+        Qn = engagement_density ** p["n_PD"]
+        H_PD = Qn / (Qn + p["Q_50"] ** p["n_PD"])
+        phi_PD = 1.0 - H_PD
+        phi_B = 1.0 / (1.0 + B / p["K_B"])
+        phi_O = O / (O + p["K_O"])
+        hypoxic = p["O_n"] ** p["n_hyp"] / (p["O_n"] ** p["n_hyp"] + O ** p["n_hyp"])
+        engagement = a * C / (C + p["K_C"])
+        crowding = (C + N_ + T + E) / K_max
+        room = jnp.maximum(1.0 - crowding, 0.0)
+        entry_crowding = 1.0 - p["c_crowd"] * jnp.minimum(crowding, 1.0)
+        steroid = steroid_effector_factor(systemic, p)
+        lymphodepletion, _ = lymphodepletion_factor(systemic, params.schedule, p)
+
+        kill_per_tumour_cell = (p["k_kill"] * a / (C + p["K_C"]) * phi_PD * phi_B * phi_O * T_star * steroid)
+        killing = kill_per_tumour_cell * C
+        extravasation = (p["k_in"] * V * systemic.T_b * (p["alpha_0"] + p["alpha_X"] * X / (X + p["K_X"]))
+                         / (1.0 + B / p["K_Bm"]) * entry_crowding)
+        expansion = (p["r_T"] * lymphodepletion * L / (L + p["K_L"]) * engagement * phi_B * T_star * room * steroid)
+        activity = engagement * phi_PD * T_star * steroid   # cytokine-releasing engaged cells
+
+        zero = jnp.zeros_like(C)
+        production = {
+            "C": _per_lesion(p["r_C"]) * phi_O * C * room,
+            "N": p["k_nec"] * hypoxic * C,
+            "T": extravasation + expansion + p["k_re"] * theta * E,
+            "E": p["k_ex"] * H_PD * engagement * T_star,
+            "H": zero,
+            "O": p["k_V"] * V * p["O_b"],
+            "G": p["p_G"] * activity,
+            "X": ((_per_lesion(p["p_X0"]) + p["p_X"] * G / (G + p["K_GX"])) * (C / K_max + p["s_X"] * S)
+                  + p["p_X"] * p["x_h"] * G / (G + p["K_GX"])),
+            "L": p["p_L"] * activity,
+            "B": _per_lesion(p["p_B"]) * C / K_max + _per_lesion(p["p_BS"]) * S,
+            "P": (_per_lesion(p["P_0"]) + (_per_lesion(p["P_max"]) - _per_lesion(p["P_0"])) * G / (G + p["K_GP"]))
+            / p["tau_P"],
+            "A1": p["k_A"] * V * plasma[0],
+            "A2": p["k_A"] * V * plasma[1],
+            "V": zero,
+            # Stromal upkeep by TGF-β-activated fibroblasts (off unless k_S > 0).
+            "S": _per_lesion(p["k_S"]) * B / (B + p["K_BS"]) * jnp.maximum(1.0 - S, 0.0),
+            "a": zero,
+        }
+        loss = {
+            "C": kill_per_tumour_cell + p["k_nec"] * hypoxic,
+            "N": jnp.broadcast_to(p["lambda_N"], C.shape),
+            "T": p["k_ex"] * H_PD * engagement * f_spec + p["delta_T"],
+            "E": p["k_re"] * theta + p["delta_E"],
+            "H": zero,
+            "O": p["k_V"] * V + p["lambda_O"] + (p["u_C"] * C + p["u_T"] * (T + E)) / (O + p["K_Ou"]),
+            "G": zero,
+            "X": zero,
+            "L": p["u_L"] * (T + E) / (L + p["K_L"]),
+            "B": zero,
+            "P": jnp.broadcast_to(1.0 / p["tau_P"], C.shape),
+            "A1": p["k_A"] * V,
+            "A2": p["k_A"] * V,
+            "V": zero,
+            "S": jnp.where(_per_lesion(p["k_S"]) > 0, p["lambda_S"], 0.0) * jnp.ones_like(S),
+            "a": zero,
+        }
+        extras = {"killing": killing, "extravasation": extravasation, "occupancy": occupancy}
+        return production, loss, extras
+
+    def _systemic_inputs(self, fields, params, systemic, time):
+        u = self._unstack(fields)
+        _, _, extras = self.local_terms(u, params, systemic, time)
+        p = params.model
+        voxel_mm3 = self.grid.voxel_volume_mm3
+        scale = params.volume_scale
+        per_lesion_antigen = jnp.sum(extras["killing"] + p["s_sh"] * u["a"] * u["C"], axis=(1, 2, 3)) * voxel_mm3
+        # Only the lesion part of the box stands for the represented lesion: host
+        # tissue around it is counted once, the tumour (C + N above the detection
+        # level, with a linear ramp below it) is scaled by the represented volume.
+        lesion_part = jnp.clip((u["C"] + u["N"]) / (p["detect_frac"] * p["K_max"]), 0.0, 1.0)
+        entry = extras["extravasation"]
+        lesion_entry = jnp.sum(entry * lesion_part, axis=(1, 2, 3)) * voxel_mm3
+        host_entry = jnp.sum(entry * (1.0 - lesion_part), axis=(1, 2, 3)) * voxel_mm3
+        return SystemicInputs(antigen_flux=jnp.sum(per_lesion_antigen * scale),
+                              extravasation=jnp.sum(lesion_entry * scale + host_entry))
+
+    def react(self, state: State, params: TMEParams, dt: jax.Array) -> State:
+        """Local terms and the systemic compartment over dt, coupled at second order.
+
+        The positive exponential Heun scheme (:func:`positive_exponential_heun`)
+        with the systemic state moved along: the predictor uses the systemic
+        state at t, the corrector the predicted one at t + dt, and the systemic
+        step takes the mean of the lesions' fluxes at both ends.
+        """
+        systemic0 = state.aux.systemic
+        order = self.species_symbols()
+        pk = params.schedule.pk
+
+        def terms(fields, systemic):
+            production, loss, _ = self.local_terms(self._unstack(fields), params, systemic, state.time)
+            return jnp.stack([production[s] for s in order]), jnp.stack([loss[s] for s in order])
+
+        fields0 = state.fields
+        production0, loss0 = terms(fields0, systemic0)
+        inputs0 = self._systemic_inputs(fields0, params, systemic0, state.time)
+        fields1 = _frozen_exponential(fields0, production0, loss0, dt)
+        systemic1 = systemic_step(systemic0, inputs0, params.model, pk, state.time, dt)
+        production1, loss1 = terms(fields1, systemic1)
+        inputs1 = self._systemic_inputs(fields1, params, systemic1, state.time + dt)
+        fields = _frozen_exponential(fields0, 0.5 * (production0 + production1), 0.5 * (loss0 + loss1), dt)
+        # Extravasation is proportional to T_b; the systemic step applies it as a
+        # loss rate J/(V_blood·T_b(t)), so average the clearance J/T_b (µL/h), not J,
+        # or the coupling drops to first order.
+        clearance0 = inputs0.extravasation / jnp.maximum(systemic0.T_b, 1e-30)
+        clearance1 = inputs1.extravasation / jnp.maximum(systemic1.T_b, 1e-30)
+        mean_inputs = SystemicInputs(antigen_flux=0.5 * (inputs0.antigen_flux + inputs1.antigen_flux),
+                                     extravasation=0.5 * (clearance0 + clearance1) * systemic0.T_b)
+        systemic = systemic_step(systemic0, mean_inputs, params.model, pk, state.time, dt)
+        fields = self._extinction(fields, params)
+        return replace(state, fields=fields, aux=replace(state.aux, systemic=systemic))
+
+    def _extinction(self, fields, params):
+        """A lesion with fewer than n_ext represented viable cells is eradicated (C = 0)."""
+        index = self.index("tumour_cells")
+        burden = jnp.sum(fields[index], axis=(1, 2, 3)) * self.grid.voxel_volume_mm3 * params.volume_scale
+        alive = (burden >= params.model["n_ext"])[:, None, None, None]
+        return fields.at[index].set(jnp.where(alive, fields[index], 0.0))
+
+    def apply_events(self, state, params, t0, t1):
+        """Doses and infusions due at or before the step's start (applied once each)."""
+        aux = state.aux
+        systemic = apply_events(aux.systemic, params.schedule, aux.events_applied_until, t0, params.model)
+        return replace(state, aux=TMEAux(systemic=systemic, events_applied_until=jnp.asarray(t0, t0.dtype)))
+
+    # --- transport ------------------------------------------------------------
+    def _motility(self, u, p):
+        """m(S, B) = (1 − s_m·S)/(1 + B/K_Bm): stroma and TGF-β slow T cells."""
+        return (1.0 - p["s_m"] * u["S"]) / (1.0 + u["B"] / p["K_Bm"])
+
+    def _chemotactic_velocities(self, u, p):
+        chi = p["chi_0"] / (1.0 + u["X"] / p["K_chi"]) ** 2 * self._motility(u, p)
+        return gradient_face_velocities(u["X"], chi, self.grid.spacing_um)
+
+    def _non_advective_rates(self, u, p, chemotaxis):
+        h = self.grid.spacing_um
+        motility = p["D_T"] * self._motility(u, p)
+        rates = {
+            "C": _diffusion(u["C"], p["D_C"], h),
+            "T": ito_motility_rate(u["T"], motility, h) + _advect_no_flux(u["T"], chemotaxis, h),
+            "E": ito_motility_rate(u["E"], motility, h),
+        }
+        return rates
+
+    def _pressure_velocities(self, u, params, non_advective, production_net):
+        """Tissue velocity v = −∇p from K_max∇·v = Γ − ∇·ΣJ + (Σphases − K_max)/τ_r, p = 0 on the walls.
+
+        The relaxation term has the sign that makes the mixture error decay:
+        with it, ∂Σ/∂t = −(Σ − K_max)/τ_r where Σ ≈ K_max. (MODEL.md writes
+        −(Σ − K_max)/τ_r, which makes the error grow as e^{t/τ_r}: a run blew up
+        within a week; recorded in docs/model.md.)
+        """
+        p = params.model
+        total = sum(u[s] for s in PHASES)
+        divergence_v = (production_net + sum(non_advective.values()) + (total - p["K_max"]) / p["tau_r"]) / p["K_max"]
+        # ∇·v = −Δp  ⇒  Δp = −∇·v.
+        pressure = solve_poisson(self.pressure_basis, -divergence_v)
+        h = self.grid.spacing_um
+        interior, walls = [None, None, None], [(None, None)] * 3
+        for axis in range(3):
+            ax = _spatial_axis(pressure, axis)
+            if pressure.shape[ax] == 1:
+                continue
+            interior[axis] = -forward_difference(pressure, axis) / h
+            low = _slice(pressure, ax, 0, 1)
+            high = _slice(pressure, ax, -1, None)
+            walls[axis] = (-(low - 0.0) / (0.5 * h), -(0.0 - high) / (0.5 * h))
+        return interior, walls
+
+    def _net_phase_production(self, u, params, systemic, time):
+        production, loss, _ = self.local_terms(u, params, systemic, time)
+        return sum(production[s] - loss[s] * u[s] for s in ("C", "N", "T", "E"))
+
+    def transport(self, state: State, params: TMEParams, dt: jax.Array) -> State:
+        p = params.model
+        h = self.grid.spacing_um
+        systemic = state.aux.systemic
+        order = self.species_symbols()
+        host_inflow = {"H": p["K_max"], "V": _per_lesion(params.host_vessels)}
+
+        def rate(fields):
+            u = self._unstack(fields)
+            chemotaxis = self._chemotactic_velocities(u, p)
+            non_advective = self._non_advective_rates(u, p, chemotaxis)
+            if self.tissue_velocity:
+                production_net = self._net_phase_production(u, params, systemic, state.time)
+                interior, walls = self._pressure_velocities(u, params, non_advective, production_net)
+            rates = {}
+            for symbol in order:
+                if symbol in FAST or symbol == "P":
+                    rates[symbol] = jnp.zeros_like(u[symbol])
+                    continue
+                rates[symbol] = non_advective.get(symbol, jnp.zeros_like(u[symbol]))
+                if self.tissue_velocity:
+                    rates[symbol] = rates[symbol] + _advect_open(u[symbol], interior, walls, h,
+                                                                 host_inflow.get(symbol))
+            return jnp.stack([rates[s] for s in order])
+
+        return replace(state, fields=ssp_rk2(rate, state.fields, dt))
+
+    def stable_dt(self, state: State, params: TMEParams) -> jax.Array:
+        p = params.model
+        u = self._unstack(state.fields)
+        chemotaxis = self._chemotactic_velocities(u, p)
+        speed = max_face_speed(chemotaxis)
+        if self.tissue_velocity:
+            non_advective = self._non_advective_rates(u, p, chemotaxis)
+            production_net = self._net_phase_production(u, params, state.aux.systemic, state.time)
+            interior, walls = self._pressure_velocities(u, params, non_advective, production_net)
+            wall_speed = jnp.max(jnp.stack([jnp.max(jnp.abs(w)) for pair in walls for w in pair if w is not None]
+                                           + [jnp.zeros((), state.fields.dtype)]))
+            speed = speed + max_face_speed(interior) + wall_speed
+        max_diffusivity = jnp.maximum(p["D_T"], p["D_C"])
+        return explicit_stable_dt(self.grid.spacing_um, self.grid.ndim, max_diffusivity,
+                                  speed).astype(state.fields.dtype)
+
+    # --- readouts -------------------------------------------------------------
+    def readouts(self, state: State, params: TMEParams) -> dict[str, jax.Array]:
+        from tmesolve.readouts import tme_readouts
+
+        return tme_readouts(self, state, params)
+
+
+def _diffusion(u, diffusivity, h):
+    return diffusion_rate(u, diffusivity, h)
+
+
+def _advect_no_flux(u, velocities, h):
+    fluxes = [None, None, None]
+    for axis in range(3):
+        if velocities[axis] is not None:
+            fluxes[axis] = upwind_flux(u, velocities[axis], axis)
+    return divergence(fluxes, h, shape_like=u)
+
+
+def _advect_open(u, interior, walls, h, inflow_value):
+    """−∇·(u v) with open walls: outflow carries the wall cell out; inflow brings host
+    tissue (``inflow_value``; None: the wall cell's own value, zero-gradient)."""
+    fluxes, wall_fluxes = [None, None, None], [(None, None)] * 3
+    for axis in range(3):
+        if interior[axis] is None:
+            continue
+        fluxes[axis] = upwind_flux(u, interior[axis], axis)
+        ax = _spatial_axis(u, axis)
+        low_v, high_v = walls[axis]
+        low_cell, high_cell = _slice(u, ax, 0, 1), _slice(u, ax, -1, None)
+        # Positive velocity points +axis: at the low wall that is inflow, at the high wall outflow.
+        low_flux = jnp.where(low_v > 0, low_v * _outside(low_cell, inflow_value), low_v * low_cell)
+        high_flux = jnp.where(high_v > 0, high_v * high_cell, high_v * _outside(high_cell, inflow_value))
+        wall_fluxes[axis] = (low_flux, high_flux)
+    return divergence(fluxes, h, wall_fluxes, shape_like=u)
+
+
+def _outside(cell, inflow_value):
+    """Composition of tissue entering through a wall: host values, or the wall cell's (zero gradient)."""
+    return cell if inflow_value is None else jnp.broadcast_to(inflow_value, cell.shape).astype(cell.dtype)

@@ -1,0 +1,284 @@
+"""Set up a TME run: a patient's lesions, parameters, therapy and initial state.
+
+This is the bridge from plain, validated settings (no Hydra here) to the
+engine's objects: :class:`~tmesolve.model.tme.TMEModel`, :class:`TMEParams`,
+the initial :class:`~tmesolve.model.base.State` and the event times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from tmesolve.errors import ConfigError, check_positive, check_range
+from tmesolve.geometry import DEFAULT_TMB, PHENOTYPE_PRESETS, PHENOTYPES, build_lesion_maps, lesion_seeds, load_map
+from tmesolve.grid import Grid
+from tmesolve.integrate import initial_state
+from tmesolve.model.base import State
+from tmesolve.model.parameters import TABLE, make_params
+from tmesolve.model.systemic import initial_systemic
+from tmesolve.model.tme import SPECIES, TMEAux, TMEModel, TMEParams
+from tmesolve.therapy.regimens import build_schedule, event_times
+
+#: Per-lesion parameter values each immunophenotype preset sets (MODEL.md preset
+#: table): baseline CXCL production p_X0 (PARAMETERS.md well-mixed presets: hot
+#: 0.20, intermediate 0.08, cold 0.02 ng·mL⁻¹·h⁻¹) and TGF-β (excluded "high":
+#: tumour TGF-β production ×3, chosen).
+PHENOTYPE_PARAMETERS: Mapping[str, Mapping[str, float]] = {
+    "inflamed": {"p_X0": 0.20},
+    "excluded": {"p_X0": 0.08, "p_B": 3.0},
+    "desert": {"p_X0": 0.02},
+}
+
+MAX_LESIONS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class LesionSpec:
+    """One lesion of a patient.
+
+    Attributes:
+        phenotype: "inflamed", "excluded" or "desert" (sets vessels, stroma, CXCL, TGF-β).
+        tmb: tumour mutational burden (mut/Mb); None → the phenotype's default (15/6/2).
+        radius_um: simulated lesion radius (µm).
+        represented_diameter_mm: diameter of the real lesion this box represents
+            (sub-volume mode; systemic fluxes scale by represented/simulated volume
+            and RECIST uses the burden diameter); None → whole-lesion mode.
+        pdl1_baseline: baseline PD-L1 expression P₀ (None: parameter default).
+        maps: optional user maps {"vessels"|"stroma"|"antigenicity"|"tumour_cells": path}.
+        parameters: per-lesion parameter overrides (symbols of the table).
+    """
+
+    phenotype: str = "inflamed"
+    tmb: float | None = None
+    radius_um: float = 300.0
+    represented_diameter_mm: float | None = 20.0
+    pdl1_baseline: float | None = None
+    maps: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TMESetup:
+    """What :func:`setup_tme` builds."""
+
+    model: TMEModel
+    params: TMEParams
+    state: State
+    event_times_h: np.ndarray
+    maps: dict[str, np.ndarray]          # initial V, S, a per lesion (lesions, nx, ny, nz)
+    lesions: tuple[LesionSpec, ...]
+    recist_uses: str                     # "mask" (whole lesion) or "burden" (sub-volume)
+
+
+def _validate_lesions(grid: Grid, lesions: Sequence[LesionSpec], key: str) -> None:
+    if not 1 <= len(lesions) <= MAX_LESIONS:
+        raise ConfigError(key, len(lesions), f"1 to {MAX_LESIONS} lesions (RECIST target lesions)")
+    half_box = 0.5 * min(L for L, n in zip(grid.lengths_um, grid.shape) if n > 1)
+    for i, lesion in enumerate(lesions):
+        where = f"{key}[{i}]"
+        if lesion.phenotype not in PHENOTYPES:
+            raise ConfigError(f"{where}.phenotype", lesion.phenotype, f"one of {', '.join(PHENOTYPES)}")
+        radius = check_positive(f"{where}.radius_um", lesion.radius_um)
+        if radius >= half_box:
+            raise ConfigError(f"{where}.radius_um", lesion.radius_um,
+                              f"a radius < half the box ({half_box:g} µm) so the lesion fits with room to grow")
+        if lesion.tmb is not None:
+            check_range(f"{where}.tmb", lesion.tmb, 0.0, 1000.0)
+        if lesion.represented_diameter_mm is not None:
+            check_range(f"{where}.represented_diameter_mm", lesion.represented_diameter_mm, 1e-3, 500.0)
+        if lesion.pdl1_baseline is not None:
+            check_range(f"{where}.pdl1_baseline", lesion.pdl1_baseline, 0.0, 1.0)
+
+
+def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Sequence[Any] = "none",
+              therapy_start_h: float = 0.0, duration_h: float = 12 * 7 * 24.0, weight_kg: float = 75.0,
+              act_cells: float | None = None, parameters: Mapping[str, Any] | None = None,
+              seed: int = 0, dtype=jnp.float32, margin_width_um: float = 100.0,
+              tissue_velocity: bool = True, key: str = "patient.lesions") -> TMESetup:
+    """Build model, parameters, therapy schedule and initial state (all validated here).
+
+    Every value is checked before anything compiles; errors name the setting.
+    """
+    lesions = tuple(lesions)
+    _validate_lesions(grid, lesions, key)
+    per_lesion_overrides = []
+    for i, lesion in enumerate(lesions):
+        values: dict[str, Any] = dict(PHENOTYPE_PARAMETERS[lesion.phenotype])
+        tmb = DEFAULT_TMB[lesion.phenotype] if lesion.tmb is None else float(lesion.tmb)
+        values["TMB"] = tmb
+        if lesion.pdl1_baseline is not None:
+            values["P_0"] = float(lesion.pdl1_baseline)
+        values.update(lesion.parameters)
+        per_lesion_overrides.append(values)
+    model_params = make_params(parameters or {}, per_lesion_overrides, lesions=len(lesions), dtype=dtype)
+    schedule = build_schedule(therapy, start_h=therapy_start_h, duration_h=duration_h, weight_kg=weight_kg,
+                              act_cells=act_cells, dtype=dtype, key="therapy.regimens")
+
+    K_max = float(model_params["K_max"])
+    packing = float(model_params["C_init_frac"])
+    tmb_0 = float(model_params["TMB_0"])
+    seeds = lesion_seeds(seed, len(lesions))
+    stacks: dict[str, list[np.ndarray]] = {name: [] for name in ("tumour_cells", "vessels", "stroma", "antigenicity")}
+    for i, lesion in enumerate(lesions):
+        tmb = float(np.asarray(model_params["TMB"])[i])
+        maps = build_lesion_maps(grid, lesion.phenotype, tmb, lesion.radius_um, seeds[i], key=f"{key}[{i}]",
+                                 packing=packing, K_max=K_max, tmb_0=tmb_0)
+        for name, path in dict(lesion.maps).items():
+            if name not in stacks:
+                raise ConfigError(f"{key}[{i}].maps.{name}", path, f"one of {', '.join(stacks)}")
+            maps[name] = load_map(path, name, grid.shape, key=f"{key}[{i}].maps.{name}")
+        for name in stacks:
+            stacks[name].append(maps[name])
+    arrays = {name: np.stack(values) for name, values in stacks.items()}
+
+    C = arrays["tumour_cells"]
+    simulated_burden = C.sum(axis=(1, 2, 3)) * grid.voxel_volume_mm3
+    simulated_volume_mm3 = simulated_burden / (packing * K_max)
+    represented = []
+    for i, lesion in enumerate(lesions):
+        if lesion.represented_diameter_mm is None:
+            represented.append(simulated_volume_mm3[i])
+        else:
+            represented.append(np.pi / 6.0 * lesion.represented_diameter_mm**3)
+    represented = np.asarray(represented)
+    volume_scale = represented / np.maximum(simulated_volume_mm3, 1e-30)
+    baseline_diameter = np.cbrt(6.0 * represented / np.pi)
+    whole = all(lesion.represented_diameter_mm is None for lesion in lesions)
+    host_vessels = np.asarray([PHENOTYPE_PRESETS[lesion.phenotype]["vessel_host"] for lesion in lesions])
+
+    params = TMEParams(model=model_params, schedule=schedule,
+                       volume_scale=jnp.asarray(volume_scale, dtype),
+                       baseline_burden=jnp.asarray(simulated_burden, dtype),
+                       baseline_diameter_mm=jnp.asarray(baseline_diameter, dtype),
+                       host_vessels=jnp.asarray(host_vessels, dtype))
+
+    model = TMEModel(grid, lesions=len(lesions), margin_width_um=margin_width_um, tissue_velocity=tissue_velocity)
+    shape = (len(lesions), *grid.shape)
+    initial = {s.symbol: np.zeros(shape) for s in SPECIES}
+    initial["C"] = C
+    initial["V"], initial["S"], initial["a"] = arrays["vessels"], arrays["stroma"], arrays["antigenicity"]
+    initial["H"] = np.maximum(K_max - C, 0.0)
+    initial["O"] = np.full(shape, float(model_params["O_b"]))
+    initial["P"] = np.broadcast_to(np.asarray(model_params["P_0"])[:, None, None, None], shape).copy()
+    by_name = {s.name: s.symbol for s in SPECIES}
+    stacked = np.stack([initial[by_name[s.name]] for s in model.species])
+
+    # Untreated systemic steady state for the antigen the lesions shed at baseline.
+    shedding = float(np.sum(float(model_params["s_sh"]) * arrays["antigenicity"] * C, axis=(1, 2, 3))
+                     .dot(volume_scale) * grid.voxel_volume_mm3)
+    systemic = initial_systemic(model_params, dtype=dtype, antigen_flux=shedding)
+    aux = TMEAux(systemic=systemic, events_applied_until=jnp.asarray(-jnp.inf, dtype))
+    state = initial_state(model, stacked, aux=aux, dtype=dtype)
+    return TMESetup(model=model, params=params, state=state, event_times_h=event_times(schedule),
+                    maps={"vessels": arrays["vessels"], "stroma": arrays["stroma"],
+                          "antigenicity": arrays["antigenicity"]},
+                    lesions=lesions, recist_uses="mask" if whole else "burden")
+
+
+def parameter_symbols() -> tuple[str, ...]:
+    """Symbols a user may set under ``tme.params``."""
+    return tuple(TABLE)
+
+
+# ---------------------------------------------------------------------------
+# The app's builder (receives the validated, typed configuration tree)
+# ---------------------------------------------------------------------------
+
+#: RECIST assessment interval (h): every 6 weeks, as in most checkpoint trials.
+ASSESSMENT_INTERVAL_H = 6 * 7 * 24.0
+
+
+def _lesion_specs(config) -> list[LesionSpec]:
+    return [LesionSpec(phenotype=lesion.phenotype, tmb=lesion.tmb, radius_um=lesion.radius_um,
+                       represented_diameter_mm=lesion.represented_diameter_mm,
+                       pdl1_baseline=lesion.pdl1_baseline, maps=dict(lesion.maps),
+                       parameters=dict(lesion.params))
+            for lesion in config.patient.lesions]
+
+
+def tme_finish(recist_uses: str, lesion_names: Sequence[str], baseline_h: float = 0.0,
+               assessment_interval_h: float = ASSESSMENT_INTERVAL_H):
+    """The end-of-run summary: final burden, RECIST 1.1, immunophenotype (a ``finish`` callback).
+
+    The RECIST baseline is the record at ``baseline_h`` (the start of therapy: the
+    baseline scan precedes treatment, and a pre-treatment lead-in lets a lesion
+    started near packing settle with its vasculature); assessments follow every
+    ``assessment_interval_h`` (6 weeks) and at the end of the run.
+    """
+    from tmesolve.readouts import PHENOTYPES
+    from tmesolve.recist import score_recist
+
+    def finish(records) -> dict:
+        times = np.asarray(records.time_h, dtype=float)
+        name = "longest_diameter_mm" if recist_uses == "mask" else "burden_diameter_mm"
+        diameters = np.asarray(records.timeseries[name], dtype=float)
+        baseline = times[np.argmin(np.abs(times - baseline_h))]
+        assessments = np.arange(baseline + assessment_interval_h, times[-1] + 1e-9, assessment_interval_h)
+        if assessments.size == 0 or assessments[-1] < times[-1] - 1e-9:
+            assessments = np.append(assessments, times[-1])
+        result = score_recist(times, diameters, assessments, baseline_time_h=baseline)
+        phenotype = np.asarray(records.timeseries["immunophenotype"], dtype=float)[-1]
+        burden = np.asarray(records.timeseries["viable_burden"], dtype=float)
+        summary = {
+            "lesions": list(lesion_names),
+            "final_viable_burden": [float(b) for b in burden[-1]],
+            "burden_ratio": [float(b) for b in burden[-1] / np.maximum(burden[np.argmin(np.abs(times - baseline_h))],
+                                                                     1e-30)],
+        "baseline_time_h": float(baseline),
+            "immunophenotype": [PHENOTYPES[int(code)] for code in phenotype],
+            "best_response": result.best_response,
+            "best_percent_change": float(result.best_percent_change),
+            "time_to_progression_h": float(result.time_to_progression_h),
+            "recist_diameter": name,
+            "baseline_sum_diameters_mm": float(result.baseline_mm),
+            "final_irae_grade": float(np.asarray(records.systemic["irae_grade"])[-1]),
+            "response": {  # written to /response
+                "assessment_time_h": result.assessment_times_h,
+                "sum_diameters_mm": result.sum_diameters_mm,
+                "category": [str(c) for c in result.category],
+                "best_response": result.best_response,
+                "time_to_progression_h": float(result.time_to_progression_h),
+                "extra": {"diameter": name, "percent_change": np.asarray(result.percent_change),
+                          "duration_of_response_h": float(result.duration_of_response_h),
+                          "durable_cr": bool(result.durable_cr), "baseline_mm": float(result.baseline_mm),
+                          "baseline_time_h": float(baseline)},
+            },
+        }
+        return summary
+
+    return finish
+
+
+def build_tme_simulation(config):
+    """The app's ``tme`` experiment: a patient's lesions under a therapy (see tmesolve.config)."""
+    from tmesolve.integrate import make_solver_params
+    from tmesolve.readouts import SYSTEMIC, TIMESERIES
+    from tmesolve.simulation import Simulation, jax_dtype, output_schedule, select_fields
+
+    dtype = jax_dtype(config.solver.dtype)
+    grid = config.grid.to_grid()
+    therapy = config.therapy
+    parameters = dict(config.tme.params)
+    if not therapy.management_rule:
+        parameters["manage_irae"] = 0.0
+    regimens = "+".join(therapy.regimens) if therapy.regimens else "none"
+    setup = setup_tme(grid, _lesion_specs(config), therapy=regimens, therapy_start_h=therapy.start_h,
+                      duration_h=config.output.duration_h, weight_kg=therapy.weight_kg,
+                      act_cells=therapy.act_cells, parameters=parameters, seed=config.seed, dtype=dtype)
+    solver = make_solver_params(config.solver.dt_max_h, config.solver.safety, config.solver.max_steps, dtype=dtype)
+    outputs = output_schedule(config.output.duration_h, config.output.interval_h)
+    events = setup.event_times_h
+    events = events[(events > 0) & (events < outputs[-1])]
+    maps = {name: (array, "1", name.replace("_", " ")) for name, array in setup.maps.items()}
+    names = [lesion.name for lesion in config.patient.lesions]
+    return Simulation(
+        name="tme", model=setup.model, integrator_order=config.solver.splitting_order, params=setup.params,
+        solver=solver, state=setup.state, output_times_h=outputs, event_times_h=events,
+        fields=select_fields(setup.model, config.output.fields), maps=maps,
+        timeseries=list(TIMESERIES), systemic=list(SYSTEMIC),
+        finish=tme_finish(setup.recist_uses, names, baseline_h=therapy.start_h), seed=config.seed)
