@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from tmesolve.errors import ConfigError
@@ -267,5 +268,8 @@ def ssp_rk2(rate: Callable[[jnp.ndarray], jnp.ndarray], u: jnp.ndarray, dt: jnp.
 
     A convex combination of forward-Euler steps: positive whenever Euler is.
     """
-    stage = u + dt * rate(u)
+    # The barrier materialises the first stage: without it XLA fuses both stages
+    # into one kernel and recomputes stage 1 for every neighbour stage 2 reads
+    # (measured 20× slower at 64³ on CPU).
+    stage = jax.lax.optimization_barrier(u + dt * rate(u))
     return 0.5 * u + 0.5 * (stage + dt * rate(stage))

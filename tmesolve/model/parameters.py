@@ -129,17 +129,18 @@ _UM2_PER_H_PER_CM2_PER_S = 1e8 * 3600.0
 
 PARAMETERS: tuple[Parameter, ...] = (
     # ------------------------------------------------------------------ tumour
-    _p("r_C", 6.0e-3, "1/h", 0.0, 0.1, "tumour",
+    _p("r_C", 2.0e-3, "1/h", 0.0, 0.1, "tumour",
        "tumour-cell proliferation rate (scaled by Φ_O and (1 − φ)₊)",
-       "calibrated in 3-D (docs/model.md): ×10 the well-mixed 6.2e-4 /h, because a lesion "
-       "started near packing has (1 − φ) ≈ 0.1; the prototype's value let untreated hot "
-       "lesions shrink (PARAMETERS.md, third 2-D check)", per_lesion=True),
+       "calibrated in 3-D (docs/model.md): untreated hot lesion doubles its burden in ~6 "
+       "weeks (16³ × 50 µm); ×3 the well-mixed 6.2e-4 /h, because a lesion started near "
+       "packing grows only at its rim, where (1 − φ) is large", per_lesion=True),
     _p("K_C", 8.7e4, "cells/mm^3", 1.0, 4e6, "tumour",
        "half-saturation of engagement e = a·C/(C + K_C)",
        "calibrated: well-mixed prototype (PARAMETERS.md)"),
-    _p("k_kill", 0.10, "1/h", 0.0, 10.0, "tumour",
-       "kill rate per tumour-reactive effector (2.4 kills/day)",
-       "Halle 2016 (2–16 kills per CTL per day); PARAMETERS.md"),
+    _p("k_kill", 0.30, "1/h", 0.0, 10.0, "tumour",
+       "kill rate per tumour-reactive effector (7.2 kills/day)",
+       "Halle 2016 (2–16 kills per CTL per day); calibrated in 3-D (docs/model.md): "
+       "0.1 /h only held a hot lesion static under anti-PD-1"),
     _p("k_nec", 0.01, "1/h", 0.0, 1.0, "tumour",
        "hypoxic necrosis rate of viable tumour cells", "chosen (PARAMETERS.md)"),
     _p("O_n", 2.5, "mmHg", 0.0, 40.0, "tumour",

@@ -308,6 +308,8 @@ class TMEModel(Model):
         inputs0 = self._systemic_inputs(fields0, params, systemic0, state.time)
         fields1 = _frozen_exponential(fields0, production0, loss0, dt)
         systemic1 = systemic_step(systemic0, inputs0, params.model, pk, state.time, dt)
+        # Materialise the predictor (as in ssp_rk2) so XLA does not recompute it per use.
+        fields1, systemic1 = jax.lax.optimization_barrier((fields1, systemic1))
         production1, loss1 = terms(fields1, systemic1)
         inputs1 = self._systemic_inputs(fields1, params, systemic1, state.time + dt)
         fields = _frozen_exponential(fields0, 0.5 * (production0 + production1), 0.5 * (loss0 + loss1), dt)

@@ -282,3 +282,25 @@ def build_tme_simulation(config):
         fields=select_fields(setup.model, config.output.fields), maps=maps,
         timeseries=list(TIMESERIES), systemic=list(SYSTEMIC),
         finish=tme_finish(setup.recist_uses, names, baseline_h=therapy.start_h), seed=config.seed)
+
+
+def stack_setups(setups: Sequence[TMESetup]):
+    """Batch several patients (same grid and lesion count) for :class:`~tmesolve.integrate.BatchIntegrator`.
+
+    Returns ``(model, params, state)`` with a leading patient axis on every leaf;
+    therapy schedules are padded to a common length.
+    """
+    from tmesolve.integrate import stack_pytrees
+    from tmesolve.therapy.regimens import stack_schedules
+
+    if not setups:
+        raise ConfigError("cohort.patients", 0, "at least one patient")
+    first = setups[0]
+    for i, setup in enumerate(setups):
+        if setup.model.grid != first.model.grid or setup.model.lesions != first.model.lesions:
+            raise ConfigError(f"cohort.patients[{i}]", "grid/lesions", "the same grid and number of lesions as patient 0")
+    schedules = stack_schedules([s.params.schedule for s in setups])
+    rest = stack_pytrees([dataclasses.replace(s.params, schedule=first.params.schedule) for s in setups])
+    params = dataclasses.replace(rest, schedule=schedules)
+    state = stack_pytrees([s.state for s in setups])
+    return first.model, params, state

@@ -1,0 +1,313 @@
+"""The full TME model step: throughput, compile time, cost analysis, ratio to a plain stencil pass.
+
+A case is one patient with ``lesions`` lesion boxes of N³ voxels at 20 µm
+(``setup_tme`` with pembrolizumab, lesion radius 0.3·N·20 µm), advanced by
+``Integrator(setup.model).advance`` at a fixed step: ``dt_max`` = 0.05 h is
+far below the model's explicit stability limit, so each chunk runs a known
+number of steps (read back from ``diagnostics["steps"]``). One lesion is
+"inflamed"; three lesions are inflamed, excluded and desert.
+
+Figures per case:
+
+* ``time_per_step_s``, ``steps_per_s``; ``voxel_updates_per_s`` = voxels ×
+  16 fields × lesions × steps / s; ``lesion_steps_per_s`` = lesions × steps / s.
+* ``compile_s``: ``integrator._advance.lower(...).compile()`` (lowering timed
+  apart as ``lower_s``); ``compile_persistent_cache_s``: the same again after
+  ``jax.clear_caches()`` with JAX's persistent compilation cache filled by the
+  first compile (first case only, when the suite enabled the cache).
+* ``ratio_step_to_stencil_pass``: one model step over one plain jitted,
+  donated 7-point no-flux Laplacian update ``u ← u + c Δ_h u`` of an array
+  with as many values (16 × lesions × N³): how far the fused step is from
+  touching each value once. ``touch_once_fraction_of_roofline``: 8 bytes per
+  value (read + write, float32) per step ÷ step time ÷ the measured roofline.
+* ``cost_analysis_chunk``: XLA's cost analysis of the compiled chunk. XLA
+  counts a loop body once (not per iteration) and one branch of a switch,
+  so these are roughly one sub-solver of one step, not a chunk; the
+  ``substeps`` breakdown (sub-solvers compiled and timed alone, first case)
+  gives per-step bytes and flops as 2·R + 2·C + L for the Strang step.
+* ``memory``: the compiled chunk's argument, output and temporary buffers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import best_time_s, plain_stencil_pass_s, ratio
+from tmesolve.grid import Grid
+from tmesolve.integrate import Integrator, make_solver_params
+from tmesolve.model.tme_setup import LesionSpec, setup_tme
+from tmesolve.stepping import SplitStepper
+
+SPACING_UM = 20.0
+DT_H = 0.05
+SCHEDULE_DURATION_H = 24.0
+PHENOTYPES_BY_COUNT = {1: ("inflamed",), 3: ("inflamed", "excluded", "desert")}
+BYTES_PER_VALUE_TOUCHED_ONCE = 8  # float32: read + write
+COST_KEYS = ("flops", "bytes accessed", "transcendentals", "optimal_seconds")
+
+
+def _first(analysis):
+    """cost_analysis() returns a dict, or a list of one dict in some jax versions."""
+    if isinstance(analysis, (list, tuple)):
+        return analysis[0] if analysis else {}
+    return analysis or {}
+
+
+def _cost(compiled) -> dict | None:
+    try:
+        analysis = _first(compiled.cost_analysis())
+    except Exception:  # noqa: BLE001 - not every backend implements it; a benchmark must not fail on it
+        return None
+    return {key.replace(" ", "_"): float(analysis[key]) for key in COST_KEYS if key in analysis}
+
+
+def _memory(compiled, values: int) -> dict | None:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - as above
+        return None
+    if stats is None:
+        return None
+    memory = {
+        name: int(getattr(stats, name))
+        for name in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "alias_size_in_bytes",
+            "temp_size_in_bytes",
+        )
+    }
+    resident = (
+        memory["argument_size_in_bytes"]
+        + memory["output_size_in_bytes"]
+        - memory["alias_size_in_bytes"]
+        + memory["temp_size_in_bytes"]
+    )
+    memory["resident_bytes_per_field_value"] = resident / values
+    return memory
+
+
+def _substeps(setup, state, repeats: int) -> dict:
+    """Compile and time each sub-solver alone; a Strang step = 2·react + 2·transport + linear."""
+    model = setup.model
+    stepper = SplitStepper(model, 2)
+    half = jnp.asarray(0.5 * DT_H, jnp.float32)
+    full = jnp.asarray(DT_H, jnp.float32)
+    solvers = {
+        "react": (lambda state, params, dt: model.react(state, params, dt), half, 2),
+        "transport": (lambda state, params, dt: model.transport(state, params, dt), half, 2),
+        "linear": (lambda state, params, dt: stepper.linear(state, params, dt), full, 1),
+    }
+    result = {}
+    per_step = {"flops": 0.0, "bytes_accessed": 0.0, "time_s": 0.0}
+    for name, (solver, dt, uses) in solvers.items():
+        start = time.perf_counter()
+        compiled = jax.jit(solver).lower(state, setup.params, dt).compile()
+        compile_s = time.perf_counter() - start
+        run_s = best_time_s(
+            lambda compiled=compiled, dt=dt: compiled(state, setup.params, dt), repeats
+        )
+        cost = _cost(compiled) or {}
+        result[name] = {
+            "uses_per_step": uses,
+            "dt_h": float(dt),
+            "compile_s": compile_s,
+            "time_s": run_s,
+            **cost,
+        }
+        per_step["time_s"] += uses * run_s
+        per_step["flops"] += uses * cost.get("flops", float("nan"))
+        per_step["bytes_accessed"] += uses * cost.get("bytes_accessed", float("nan"))
+    result["per_step_sum"] = per_step
+    return result
+
+
+def measure_case(
+    n: int,
+    lesions: int,
+    bandwidth: dict | None,
+    repeats: int,
+    target_call_s: float,
+    max_steps_per_call: int,
+    persistent_cache: bool,
+    substeps: bool,
+) -> dict:
+    """All figures of one (N, lesions) case."""
+    phenotypes = PHENOTYPES_BY_COUNT.get(lesions, ("inflamed",) * lesions)
+    grid = Grid((n, n, n), SPACING_UM)
+    setup = setup_tme(
+        grid,
+        [LesionSpec(phenotype, radius_um=0.3 * n * SPACING_UM) for phenotype in phenotypes],
+        therapy="pembrolizumab",
+        duration_h=SCHEDULE_DURATION_H,
+    )
+    fields = len(setup.model.species)
+    voxels = grid.num_voxels
+    values = fields * lesions * voxels
+    integrator = Integrator(setup.model)
+    solver = make_solver_params(dt_max=DT_H)
+    state = setup.state
+
+    def lower():
+        return integrator._advance.lower(
+            state, setup.params, solver, jnp.asarray(DT_H, jnp.float32)
+        )
+
+    start = time.perf_counter()
+    lowered = lower()
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    result = {
+        "N": n,
+        "lesions": lesions,
+        "phenotypes": list(phenotypes),
+        "fields": fields,
+        "voxels": voxels,
+        "field_values": values,
+        "dt_h": DT_H,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+    }
+    if persistent_cache:
+        jax.clear_caches()  # drop the in-memory executable: the next compile must come from disk
+        start = time.perf_counter()
+        lower().compile()
+        result["compile_persistent_cache_s"] = time.perf_counter() - start
+    result["cost_analysis_chunk"] = _cost(compiled)
+    result["memory"] = _memory(compiled, values)
+
+    def advance(steps: int):
+        nonlocal state
+        t_end = float(state.time) + steps * DT_H
+        start = time.perf_counter()
+        state, _, diagnostics = integrator.advance(state, setup.params, solver, t_end)
+        jax.block_until_ready(state)
+        return time.perf_counter() - start, int(diagnostics["steps"]), bool(diagnostics["finite"])
+
+    first_s, first_steps, _ = advance(1)
+    per_step_guess = first_s / first_steps
+    steps_per_call = int(np.clip(np.ceil(target_call_s / per_step_guess), 2, max_steps_per_call))
+    calls = [advance(steps_per_call) for _ in range(max(1, repeats))]
+    best_s, best_steps, _ = min(calls, key=lambda call: call[0] / call[1])
+    time_per_step = best_s / best_steps
+    result.update(
+        {
+            "first_call_s": first_s,
+            "first_call_steps": first_steps,
+            "steps_per_timed_call": best_steps,
+            "timed_calls": len(calls),
+            "time_per_step_s": time_per_step,
+            "steps_per_s": 1.0 / time_per_step,
+            "voxel_updates_per_s": values / time_per_step,
+            "lesion_steps_per_s": lesions / time_per_step,
+            "finite": all(call[2] for call in calls),
+            "traces": integrator.trace_count,
+        }
+    )
+
+    stencil_s = plain_stencil_pass_s((fields * lesions, n, n, n), max(3, repeats))
+    touched_GBps = BYTES_PER_VALUE_TOUCHED_ONCE * values / time_per_step / 1e9
+    result.update(
+        {
+            "stencil_pass_s": stencil_s,
+            "stencil_pass_GBps": BYTES_PER_VALUE_TOUCHED_ONCE * values / stencil_s / 1e9,
+            "ratio_step_to_stencil_pass": ratio(time_per_step, stencil_s),
+            "touch_once_GBps": touched_GBps,
+            "touch_once_fraction_of_roofline": None
+            if bandwidth is None
+            else ratio(touched_GBps, bandwidth["roofline_GBps"]),
+        }
+    )
+    if substeps:
+        result["substeps"] = _substeps(setup, state, max(2, repeats))  # setup.state was donated
+        chunk_bytes = result["substeps"]["per_step_sum"]["bytes_accessed"]
+        result["substeps"]["per_step_bytes_per_field_value"] = chunk_bytes / values
+    return result
+
+
+def measure_tme(
+    cases=((32, 1), (64, 1), (32, 3)),
+    bandwidth: dict | None = None,
+    repeats: int = 3,
+    target_call_s: float = 1.0,
+    max_steps_per_call: int = 40,
+    persistent_cache: bool = False,
+    substeps_for_first_case: bool = True,
+) -> dict:
+    """Every (N, lesions) case; persistent-cache compile and sub-solver breakdown for the first."""
+    results = []
+    for index, (n, lesions) in enumerate(cases):
+        results.append(
+            measure_case(
+                n,
+                lesions,
+                bandwidth,
+                repeats,
+                target_call_s,
+                max_steps_per_call,
+                persistent_cache=persistent_cache and index == 0,
+                substeps=substeps_for_first_case and index == 0,
+            )
+        )
+    return {
+        "therapy": "pembrolizumab",
+        "spacing_um": SPACING_UM,
+        "dt_h": DT_H,
+        "splitting_order": 2,
+        "dtype": "float32",
+        "cost_analysis_note": "XLA counts each loop body once and one switch branch; "
+        "'substeps' gives per-step figures",
+        "cases": results,
+        "backend": jax.default_backend(),
+    }
+
+
+def table(result: dict) -> list[str]:
+    """Human-readable lines of the TME section."""
+    lines = [
+        f"TME full step (16 fields, dt = {result['dt_h']} h, Strang, float32):",
+        f"  {'case':<10} {'s/step':>9} {'steps/s':>8} {'Mvox-upd/s':>10} {'lesion-st/s':>11} "
+        f"{'compile s':>9} {'cache s':>8} {'x stencil':>9} {'roofline':>8} {'MiB resident':>12}",
+    ]
+    for case in result["cases"]:
+        cached = case.get("compile_persistent_cache_s")
+        fraction = case.get("touch_once_fraction_of_roofline")
+        memory = case.get("memory") or {}
+        resident = (
+            memory.get("argument_size_in_bytes", 0)
+            + memory.get("output_size_in_bytes", 0)
+            - memory.get("alias_size_in_bytes", 0)
+            + memory.get("temp_size_in_bytes", 0)
+        ) / 2**20
+        lines.append(
+            f"  {case['lesions']}x{case['N']}^3{'':<{max(0, 5 - len(str(case['N'])))}}"
+            f"{case['time_per_step_s']:9.4f} {case['steps_per_s']:8.2f} "
+            f"{case['voxel_updates_per_s'] / 1e6:10.1f} "
+            f"{case['lesion_steps_per_s']:11.2f} {case['compile_s']:9.1f} "
+            f"{'' if cached is None else f'{cached:.1f}':>8} "
+            f"{case['ratio_step_to_stencil_pass']:9.0f} "
+            f"{'' if fraction is None else f'{fraction:.4f}':>8} {resident:12.1f}"
+        )
+    for case in result["cases"]:
+        if "substeps" in case:
+            sub = case["substeps"]
+            parts = ", ".join(
+                f"{name} {sub[name]['time_s']:.4f} s x{sub[name]['uses_per_step']}"
+                for name in ("react", "transport", "linear")
+            )
+            lines.append(
+                f"  sub-solvers alone, {case['lesions']}x{case['N']}^3: {parts}; sum "
+                f"{sub['per_step_sum']['time_s']:.4f} s/step; XLA bytes per field value per step "
+                f"{sub['per_step_bytes_per_field_value']:.0f} (touch once: 8)"
+            )
+    lines.append(
+        "  (x stencil: step time / one plain 7-point pass over as many values; roofline: "
+        "8 B/value/step over the measured roofline)"
+    )
+    return lines

@@ -1,0 +1,78 @@
+"""Smoke test of the benchmark suite: ``python -m benchmarks --quick`` runs and writes its JSON.
+
+No timing is asserted (figures on a shared CI machine mean nothing); the tests
+check that every section runs end to end at tiny sizes and that the JSON has
+the figures, units and ratios the performance contract (DESIGN.md) names.
+The TME section is its own test because compiling the 16-field step takes
+~25 s on a 2-core CPU whatever the grid size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+MACHINE_KEYS = {"timestamp_utc", "hostname", "cpu_model", "cpu_cores", "backend", "device_kind",
+                "versions", "git_commit", "load_average_at_start"}
+
+
+def run_quick(tmp_path: Path, sections: str) -> dict:
+    """Run the suite's quick mode in a fresh process (as a user would) and read its JSON."""
+    out = tmp_path / "quick.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", sections, "--out", str(out)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "written:" in completed.stdout  # the human-readable table was printed
+    return json.loads(out.read_text())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_bandwidth_and_dd3(tmp_path):
+    report = run_quick(tmp_path, "bandwidth,dd3")
+    assert report["mode"] == "quick" and report["sections"] == ["bandwidth", "dd3"]
+    assert MACHINE_KEYS <= set(report["machine"])
+    assert {"jax", "numpy", "python"} <= set(report["machine"]["versions"])
+
+    bandwidth = report["bandwidth"]
+    for key in ("numpy_copy_GBps", "numpy_triad_GBps", "jax_triad_GBps", "roofline_GBps"):
+        assert positive(bandwidth[key]), key
+
+    dd3 = report["dd3"]
+    size = dd3["sizes"]["16"]
+    for solver in ("numpy_reference", "explicit", "explicit_lie", "spectral"):
+        assert positive(size[solver]["voxel_updates_per_s"]), solver
+        assert positive(size[solver]["relative_l2_error"]), solver
+    # Ratios are against the numpy reference run in the same process.
+    assert set(size["ratio_to_numpy_reference"]) >= {"explicit_voxel_updates_per_s",
+                                                     "spectral_voxel_updates_per_s"}
+    assert 0 < size["explicit"]["bandwidth_fraction_of_numpy_copy"]
+    # The compiled chunk compiles once per solver (spectral reuses it for two dt caps).
+    assert size["explicit"]["traces"] == 1 and size["spectral"]["traces"] == 1
+    # Forward Euler at dt = h²/(6D) = 1/900 h divides T = 1/6 h into exactly 150 steps.
+    assert size["numpy_reference"]["steps"] == 150
+    accuracy = dd3["time_to_accuracy"]
+    for solver in ("spectral", "explicit", "numpy_reference"):
+        assert isinstance(accuracy[solver]["reached"], bool)
+
+
+@pytest.mark.slow
+def test_quick_tme_step(tmp_path):
+    report = run_quick(tmp_path, "tme")
+    case = report["tme"]["cases"][0]
+    assert (case["N"], case["lesions"], case["fields"]) == (16, 1, 16)
+    assert case["field_values"] == 16 * 16**3
+    for key in ("time_per_step_s", "steps_per_s", "voxel_updates_per_s", "compile_s",
+                "stencil_pass_s", "ratio_step_to_stencil_pass"):
+        assert positive(case[key]), key
+    assert case["finite"] and case["traces"] == 1
+    assert positive(case["cost_analysis_chunk"]["bytes_accessed"])
