@@ -105,6 +105,33 @@ class Eigenbasis:
             u = jnp.moveaxis(moved, -1, ax)
         return u
 
+    def propagate_separable(self, u: jnp.ndarray, diffusivity: jnp.ndarray, decay: jnp.ndarray,
+                            dt: jnp.ndarray) -> jnp.ndarray:
+        """e^{(DΔ − λ)dt} u without a source, one axis at a time.
+
+        The propagator factorises, e^{−(Dκ² + λ)dt} = e^{−λdt}·Π_axes e^{−Dκ_a²dt}, so
+        it is applied as one N×N matrix per axis, P_a = Mᵀ·diag(e^{−Dκ_a²dt})·M
+        (built on the device per species, N³ flops): three matrix products
+        instead of the six of a forward and an inverse transform.
+        """
+        species = u.shape[0]
+        d = jnp.broadcast_to(jnp.asarray(diffusivity, u.dtype).reshape(species, -1)[:, 0], (species,))
+        if jnp.ndim(diffusivity) > 1 and jnp.shape(diffusivity)[1] > 1:
+            raise ValueError("propagate_separable: per-lesion diffusivities need the transform path")
+        lam = jnp.asarray(decay, u.dtype)
+        lam = lam.reshape(lam.shape + (1,) * (u.ndim - lam.ndim))
+        for axis, (modes, kappa_squared) in enumerate(self._axes):
+            if modes.shape[0] == 1:
+                continue
+            matrix = jnp.asarray(modes, u.dtype)
+            factors = jnp.exp(-d[:, None] * jnp.asarray(kappa_squared, u.dtype)[None, :] * dt)   # (species, N)
+            propagator = jnp.einsum("mi,sm,mj->sij", matrix, factors, matrix, precision=_PRECISION)
+            ax = u.ndim - 3 + axis
+            moved = jnp.moveaxis(u, ax, -1)                                  # (species, ..., N)
+            moved = jnp.einsum("s...j,sij->s...i", moved, propagator, precision=_PRECISION)
+            u = jnp.moveaxis(moved, -1, ax)
+        return u * jnp.exp(-lam * dt)
+
     def forward(self, u: jnp.ndarray) -> jnp.ndarray:
         """Coefficients û of fields (..., nx, ny, nz)."""
         return self._apply(u, inverse=False)
@@ -141,6 +168,8 @@ def propagate(basis: Eigenbasis, u: jnp.ndarray, diffusivity: jnp.ndarray, decay
     def expand(x):
         x = jnp.asarray(x, u.dtype)
         return x.reshape(x.shape + (1,) * (u.ndim - x.ndim))
+    if source is None and (fixed_value is None or not basis.boundary.any_dirichlet):
+        return basis.propagate_separable(u, diffusivity, decay, dt)
     kappa_squared = basis.kappa_squared(u.dtype)
     rate = expand(diffusivity) * kappa_squared + expand(decay)
     lift = None

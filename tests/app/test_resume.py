@@ -36,6 +36,7 @@ TME = [
     "grid.shape=[16,16,16]",
     "grid.spacing_um=25",
     "patient.lesions.0.radius_um=120",
+    "therapy.start_day=0",
     "output.duration_h=96",
     "output.interval_h=24",
     "output.plots=false",

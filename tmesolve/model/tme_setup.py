@@ -107,7 +107,7 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
     lesions = tuple(lesions)
     _validate_lesions(grid, lesions, key)
     per_lesion_overrides = []
-    for i, lesion in enumerate(lesions):
+    for lesion in lesions:
         values: dict[str, Any] = dict(PHENOTYPE_PARAMETERS[lesion.phenotype])
         tmb = DEFAULT_TMB[lesion.phenotype] if lesion.tmb is None else float(lesion.tmb)
         values["TMB"] = tmb
@@ -298,7 +298,8 @@ def stack_setups(setups: Sequence[TMESetup]):
     first = setups[0]
     for i, setup in enumerate(setups):
         if setup.model.grid != first.model.grid or setup.model.lesions != first.model.lesions:
-            raise ConfigError(f"cohort.patients[{i}]", "grid/lesions", "the same grid and number of lesions as patient 0")
+            raise ConfigError(f"cohort.patients[{i}]", "grid/lesions",
+                              "the same grid and number of lesions as patient 0")
     schedules = stack_schedules([s.params.schedule for s in setups])
     rest = stack_pytrees([dataclasses.replace(s.params, schedule=first.params.schedule) for s in setups])
     params = dataclasses.replace(rest, schedule=schedules)

@@ -156,7 +156,7 @@ def fisher_kpp_params(diffusivity: float, rate: float, dtype=jnp.float32) -> Fis
 
 
 class FisherKPP(Model):
-    """∂u/∂t = DΔu + r u(1 − u): logistic growth by the positive exponential Heun scheme, diffusion spectral or explicit.
+    """∂u/∂t = DΔu + r u(1 − u): logistic growth (positive exponential Heun), diffusion spectral or explicit.
 
     u = 0 is unstable: round-off of the dense spectral transforms (1e-16 of the
     maximum, everywhere) grows like e^{rt} ahead of the front and fills the box
