@@ -183,7 +183,7 @@ class LesionConf:
     tmb: float | None = None
     radius_um: float = 300.0
     pdl1_baseline: float | None = None
-    represented_diameter_mm: float | None = None
+    represented_diameter_mm: float | None = 20.0  # sub-volume of a 2 cm lesion (calibration); None: whole lesion
     maps: LesionMapsConf = dataclasses.field(default_factory=LesionMapsConf)
     seed: int | None = None
     params: dict[str, Any] = dataclasses.field(default_factory=dict)

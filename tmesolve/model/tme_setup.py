@@ -222,7 +222,8 @@ def tme_finish(recist_uses: str, lesion_names: Sequence[str], baseline_h: float 
         if assessments.size == 0 or assessments[-1] < times[-1] - 1e-9:
             assessments = np.append(assessments, times[-1])
         result = score_recist(times, diameters, assessments, baseline_time_h=baseline)
-        phenotype = np.asarray(records.timeseries["immunophenotype"], dtype=float)[-1]
+        codes = np.asarray(records.timeseries["immunophenotype"], dtype=float)
+        phenotype = codes[np.argmin(np.abs(times - baseline_h))]
         burden = np.asarray(records.timeseries["viable_burden"], dtype=float)
         summary = {
             "lesions": list(lesion_names),
@@ -230,7 +231,8 @@ def tme_finish(recist_uses: str, lesion_names: Sequence[str], baseline_h: float 
             "burden_ratio": [float(b) for b in burden[-1] / np.maximum(burden[np.argmin(np.abs(times - baseline_h))],
                                                                      1e-30)],
         "baseline_time_h": float(baseline),
-            "immunophenotype": [PHENOTYPES[int(code)] for code in phenotype],
+            "immunophenotype": [PHENOTYPES[int(code)] for code in phenotype],   # at the start of therapy
+            "final_immunophenotype": [PHENOTYPES[int(code)] for code in codes[-1]],
             "best_response": result.best_response,
             "best_percent_change": float(result.best_percent_change),
             "time_to_progression_h": float(result.time_to_progression_h),
