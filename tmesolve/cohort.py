@@ -1,4 +1,4 @@
-"""Virtual cohorts and trials: sample patients, treat the same patients in every arm, score, summarise.
+"""Virtual cohorts and trials: sample patients, treat them in every arm, score, summarise.
 
 A cohort is sampled from a :class:`CohortSpec` (lesion count, per-lesion
 immunophenotype, TMB, baseline PD-L1, simulated radius and represented
@@ -57,7 +57,13 @@ from tmesolve.errors import ConfigError, check_non_negative, check_positive, che
 from tmesolve.geometry import PHENOTYPES
 from tmesolve.grid import Grid
 from tmesolve.integrate import BatchIntegrator, SimulationError, make_solver_params
-from tmesolve.model.tme_setup import ASSESSMENT_INTERVAL_H, MAX_LESIONS, LesionSpec, setup_tme, stack_setups
+from tmesolve.model.tme_setup import (
+    ASSESSMENT_INTERVAL_H,
+    MAX_LESIONS,
+    LesionSpec,
+    setup_tme,
+    stack_setups,
+)
 from tmesolve.readouts import PHENOTYPES as CLASS_NAMES
 from tmesolve.readouts import SYSTEMIC, TIMESERIES
 from tmesolve.recist import CATEGORIES, score_recist
@@ -74,6 +80,7 @@ __all__ = [
     "available_memory_bytes",
     "choose_chunk_size",
     "cohort_table",
+    "plot_trial",
     "run_trial",
     "sample_cohort",
     "summarize_trial",
@@ -90,12 +97,13 @@ _YEAR_H = 365.25 * 24.0
 #: NEJM 381:1535, 5-year update; PARAMETERS.md "Clinical anchors"). For context
 #: in the report only: the model is not calibrated to them.
 CHECKMATE_067_ORR: Mapping[str, float] = MappingProxyType(
-    {"ipilimumab": 0.190, "nivolumab": 0.437, "nivolumab_ipilimumab": 0.576})
+    {"ipilimumab": 0.190, "nivolumab": 0.437, "nivolumab_ipilimumab": 0.576}
+)
 
 #: Biomarker cuts used by :func:`summarize_trial` (defaults; all documented there).
-TMB_HIGH_MUT_PER_MB = 10.0          # KEYNOTE-158 / FDA tissue-agnostic cut
-PDL1_HIGH = 0.5                     # tumour PD-L1 ≥ 0.5: the analogue of TPS ≥ 50 % (KEYNOTE-024)
-IRAE_POSITIVE_GRADE = 2             # grade ≥ 2: the grade at which irAEs are treated (steroids)
+TMB_HIGH_MUT_PER_MB = 10.0  # KEYNOTE-158 / FDA tissue-agnostic cut
+PDL1_HIGH = 0.5  # tumour PD-L1 ≥ 0.5: the analogue of TPS ≥ 50 % (KEYNOTE-024)
+IRAE_POSITIVE_GRADE = 2  # grade ≥ 2: the grade at which irAEs are treated (steroids)
 
 #: Memory model for the automatic chunk size: bytes per patient-arm ≈ factor ×
 #: the patient's state. XLA's memory analysis of the batched TME loop reported
@@ -112,6 +120,7 @@ FALLBACK_MEMORY_BYTES = 4 * 1024**3
 # ---------------------------------------------------------------------------
 # Cohort specification and sampling
 # ---------------------------------------------------------------------------
+
 
 def _check_interval(key: str, value: Any, low: float, high: float) -> tuple[float, float]:
     try:
@@ -159,7 +168,8 @@ class CohortSpec:
     lesions_min: int = 1
     lesions_max: int = 3
     phenotype_probabilities: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: {"inflamed": 1 / 3, "excluded": 1 / 3, "desert": 1 / 3}, hash=False)
+        default_factory=lambda: {"inflamed": 1 / 3, "excluded": 1 / 3, "desert": 1 / 3}, hash=False
+    )
     tmb_median: float = 8.0
     tmb_sigma: float = 1.0
     tmb_lesion_sigma: float = 0.25
@@ -171,41 +181,75 @@ class CohortSpec:
 
     def __post_init__(self) -> None:
         key = "cohort"
-        if isinstance(self.n_patients, bool) or not isinstance(self.n_patients, (int, np.integer)) \
-                or self.n_patients < 1:
+        if (
+            isinstance(self.n_patients, bool)
+            or not isinstance(self.n_patients, (int, np.integer))
+            or self.n_patients < 1
+        ):
             raise ConfigError(f"{key}.n_patients", self.n_patients, "an integer >= 1")
         for field in ("lesions_min", "lesions_max"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                    or not 1 <= value <= MAX_LESIONS:
-                raise ConfigError(f"{key}.{field}", value, f"an integer in [1, {MAX_LESIONS}] (RECIST target lesions)")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, np.integer))
+                or not 1 <= value <= MAX_LESIONS
+            ):
+                raise ConfigError(
+                    f"{key}.{field}",
+                    value,
+                    f"an integer in [1, {MAX_LESIONS}] (RECIST target lesions)",
+                )
         if self.lesions_min > self.lesions_max:
-            raise ConfigError(f"{key}.lesions_min", self.lesions_min,
-                              f"<= lesions_max ({self.lesions_max})")
+            raise ConfigError(
+                f"{key}.lesions_min", self.lesions_min, f"<= lesions_max ({self.lesions_max})"
+            )
         probabilities = dict(self.phenotype_probabilities)
         for name, value in probabilities.items():
             if name not in PHENOTYPES:
-                raise ConfigError(f"{key}.phenotype_probabilities.{name}", value,
-                                  f"phenotypes among {', '.join(PHENOTYPES)}")
+                raise ConfigError(
+                    f"{key}.phenotype_probabilities.{name}",
+                    value,
+                    f"phenotypes among {', '.join(PHENOTYPES)}",
+                )
             check_range(f"{key}.phenotype_probabilities.{name}", value, 0.0, 1.0)
         total = sum(float(v) for v in probabilities.values())
         if abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"{key}.phenotype_probabilities", probabilities, "probabilities that sum to 1")
-        object.__setattr__(self, "phenotype_probabilities",
-                           {name: float(probabilities.get(name, 0.0)) for name in PHENOTYPES})
+            raise ConfigError(
+                f"{key}.phenotype_probabilities", probabilities, "probabilities that sum to 1"
+            )
+        object.__setattr__(
+            self,
+            "phenotype_probabilities",
+            {name: float(probabilities.get(name, 0.0)) for name in PHENOTYPES},
+        )
         check_range(f"{key}.tmb_median", self.tmb_median, 1e-3, 1000.0)
         check_range(f"{key}.tmb_sigma", self.tmb_sigma, 0.0, 5.0)
         check_range(f"{key}.tmb_lesion_sigma", self.tmb_lesion_sigma, 0.0, 5.0)
-        object.__setattr__(self, "pdl1_baseline_range",
-                           _check_interval(f"{key}.pdl1_baseline_range", self.pdl1_baseline_range, 0.0, 1.0))
+        object.__setattr__(
+            self,
+            "pdl1_baseline_range",
+            _check_interval(f"{key}.pdl1_baseline_range", self.pdl1_baseline_range, 0.0, 1.0),
+        )
         radius = _check_interval(f"{key}.radius_um_range", self.radius_um_range, 0.0, 1e6)
         if radius[0] <= 0.0:
             raise ConfigError(f"{key}.radius_um_range", self.radius_um_range, "radii > 0 µm")
         object.__setattr__(self, "radius_um_range", radius)
         if self.represented_diameter_mm_range is not None:
-            object.__setattr__(self, "represented_diameter_mm_range", _check_interval(
-                f"{key}.represented_diameter_mm_range", self.represented_diameter_mm_range, 1e-3, 500.0))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            object.__setattr__(
+                self,
+                "represented_diameter_mm_range",
+                _check_interval(
+                    f"{key}.represented_diameter_mm_range",
+                    self.represented_diameter_mm_range,
+                    1e-3,
+                    500.0,
+                ),
+            )
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, (int, np.integer))
+            or self.seed < 0
+        ):
             raise ConfigError(f"{key}.seed", self.seed, "an integer >= 0")
 
 
@@ -222,30 +266,45 @@ class CohortSpec:
 # infiltrated despite low TMB, NSCLC mixed, MSS colorectal mostly cold.
 # P₀ ranges (constitutive PD-L1, before IFN-γ induction) are chosen around the
 # model default 0.15; NSCLC gets a wider range (oncogene-driven PD-L1).
-COHORT_PRESETS: Mapping[str, CohortSpec] = MappingProxyType({
-    "melanoma": CohortSpec(
-        name="melanoma", tmb_median=13.5, tmb_sigma=1.1,
-        phenotype_probabilities={"inflamed": 0.45, "excluded": 0.30, "desert": 0.25},
-        pdl1_baseline_range=(0.05, 0.35),
-        source="TMB median: Chalmers 2017 (skin melanoma); σ and phenotype mix chosen"),
-    "nsclc": CohortSpec(
-        name="nsclc", tmb_median=8.0, tmb_sigma=1.0,
-        phenotype_probabilities={"inflamed": 0.35, "excluded": 0.35, "desert": 0.30},
-        pdl1_baseline_range=(0.05, 0.50),
-        source="TMB median: Chalmers 2017 (NSCLC, between adenocarcinoma 7.2 and squamous 9.0); "
-               "σ and phenotype mix chosen"),
-    "rcc": CohortSpec(
-        name="rcc", tmb_median=1.8, tmb_sigma=0.6,
-        phenotype_probabilities={"inflamed": 0.40, "excluded": 0.35, "desert": 0.25},
-        pdl1_baseline_range=(0.05, 0.30),
-        source="TMB median: Chalmers 2017 (clear-cell RCC); σ and phenotype mix chosen"),
-    "mss_colorectal": CohortSpec(
-        name="mss_colorectal", tmb_median=3.6, tmb_sigma=0.6,
-        phenotype_probabilities={"inflamed": 0.10, "excluded": 0.30, "desert": 0.60},
-        pdl1_baseline_range=(0.02, 0.20),
-        source="TMB median: Chalmers 2017 (colorectal adenocarcinoma, mostly MSS); "
-               "σ and phenotype mix chosen"),
-})
+COHORT_PRESETS: Mapping[str, CohortSpec] = MappingProxyType(
+    {
+        "melanoma": CohortSpec(
+            name="melanoma",
+            tmb_median=13.5,
+            tmb_sigma=1.1,
+            phenotype_probabilities={"inflamed": 0.45, "excluded": 0.30, "desert": 0.25},
+            pdl1_baseline_range=(0.05, 0.35),
+            source="TMB median: Chalmers 2017 (skin melanoma); σ and phenotype mix chosen",
+        ),
+        "nsclc": CohortSpec(
+            name="nsclc",
+            tmb_median=8.0,
+            tmb_sigma=1.0,
+            phenotype_probabilities={"inflamed": 0.35, "excluded": 0.35, "desert": 0.30},
+            pdl1_baseline_range=(0.05, 0.50),
+            source="TMB median: Chalmers 2017 (NSCLC, between adenocarcinoma 7.2 and "
+            "squamous 9.0); "
+            "σ and phenotype mix chosen",
+        ),
+        "rcc": CohortSpec(
+            name="rcc",
+            tmb_median=1.8,
+            tmb_sigma=0.6,
+            phenotype_probabilities={"inflamed": 0.40, "excluded": 0.35, "desert": 0.25},
+            pdl1_baseline_range=(0.05, 0.30),
+            source="TMB median: Chalmers 2017 (clear-cell RCC); σ and phenotype mix chosen",
+        ),
+        "mss_colorectal": CohortSpec(
+            name="mss_colorectal",
+            tmb_median=3.6,
+            tmb_sigma=0.6,
+            phenotype_probabilities={"inflamed": 0.10, "excluded": 0.30, "desert": 0.60},
+            pdl1_baseline_range=(0.02, 0.20),
+            source="TMB median: Chalmers 2017 (colorectal adenocarcinoma, mostly MSS); "
+            "σ and phenotype mix chosen",
+        ),
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +312,10 @@ class LesionSample:
     """One sampled lesion (values in the units of :class:`~tmesolve.model.tme_setup.LesionSpec`)."""
 
     phenotype: str
-    tmb: float                              # mut/Mb
-    pdl1_baseline: float                    # P₀, 0–1
-    radius_um: float                        # µm
-    represented_diameter_mm: float | None   # mm; None: whole-lesion mode
+    tmb: float  # mut/Mb
+    pdl1_baseline: float  # P₀, 0–1
+    radius_um: float  # µm
+    represented_diameter_mm: float | None  # mm; None: whole-lesion mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,15 +342,25 @@ class PatientSample:
     @property
     def largest_lesion(self) -> int:
         """Index of the largest lesion (represented diameter, else radius): the 'biopsied' one."""
-        sizes = [lesion.represented_diameter_mm if lesion.represented_diameter_mm is not None
-                 else lesion.radius_um for lesion in self.lesions]
+        sizes = [
+            lesion.represented_diameter_mm
+            if lesion.represented_diameter_mm is not None
+            else lesion.radius_um
+            for lesion in self.lesions
+        ]
         return int(np.argmax(sizes))
 
     def lesion_specs(self) -> list[LesionSpec]:
-        return [LesionSpec(phenotype=lesion.phenotype, tmb=lesion.tmb, radius_um=lesion.radius_um,
-                           represented_diameter_mm=lesion.represented_diameter_mm,
-                           pdl1_baseline=lesion.pdl1_baseline)
-                for lesion in self.lesions]
+        return [
+            LesionSpec(
+                phenotype=lesion.phenotype,
+                tmb=lesion.tmb,
+                radius_um=lesion.radius_um,
+                represented_diameter_mm=lesion.represented_diameter_mm,
+                pdl1_baseline=lesion.pdl1_baseline,
+            )
+            for lesion in self.lesions
+        ]
 
 
 def sample_cohort(spec: CohortSpec) -> list[PatientSample]:
@@ -307,18 +376,27 @@ def sample_cohort(spec: CohortSpec) -> list[PatientSample]:
     patients = []
     for index in range(spec.n_patients):
         count = int(rng.integers(spec.lesions_min, spec.lesions_max + 1))
-        patient_tmb = float(np.clip(spec.tmb_median * math.exp(spec.tmb_sigma * rng.standard_normal()),
-                                    0.0, 1000.0))
+        patient_tmb = float(
+            np.clip(spec.tmb_median * math.exp(spec.tmb_sigma * rng.standard_normal()), 0.0, 1000.0)
+        )
         seed = int(rng.integers(0, 2**31 - 1))
         lesions = []
         for _ in range(count):
             phenotype = PHENOTYPES[int(rng.choice(len(PHENOTYPES), p=probabilities))]
-            tmb = float(np.clip(patient_tmb * math.exp(spec.tmb_lesion_sigma * rng.standard_normal()),
-                                0.0, 1000.0))
+            tmb = float(
+                np.clip(
+                    patient_tmb * math.exp(spec.tmb_lesion_sigma * rng.standard_normal()),
+                    0.0,
+                    1000.0,
+                )
+            )
             pdl1 = float(rng.uniform(*spec.pdl1_baseline_range))
             radius = float(rng.uniform(*spec.radius_um_range))
-            diameter = (None if spec.represented_diameter_mm_range is None
-                        else float(rng.uniform(*spec.represented_diameter_mm_range)))
+            diameter = (
+                None
+                if spec.represented_diameter_mm_range is None
+                else float(rng.uniform(*spec.represented_diameter_mm_range))
+            )
             lesions.append(LesionSample(phenotype, tmb, pdl1, radius, diameter))
         patients.append(PatientSample(f"P{index + 1:0{width}d}", seed, patient_tmb, tuple(lesions)))
     return patients
@@ -328,9 +406,23 @@ def cohort_table(samples: Sequence[PatientSample]) -> dict[str, np.ndarray]:
     """One row per lesion: patient id and index, lesion index, phenotype, TMB, P₀, radius,
     represented diameter (NaN in whole-lesion mode), patient TMB, lesion count, map seed,
     and whether the lesion is the patient's largest."""
-    rows: dict[str, list] = {name: [] for name in (
-        "patient_id", "patient_index", "lesion_index", "phenotype", "tmb", "pdl1_baseline", "radius_um",
-        "represented_diameter_mm", "patient_tmb", "n_lesions", "seed", "largest")}
+    rows: dict[str, list] = {
+        name: []
+        for name in (
+            "patient_id",
+            "patient_index",
+            "lesion_index",
+            "phenotype",
+            "tmb",
+            "pdl1_baseline",
+            "radius_um",
+            "represented_diameter_mm",
+            "patient_tmb",
+            "n_lesions",
+            "seed",
+            "largest",
+        )
+    }
     for p, sample in enumerate(samples):
         for j, lesion in enumerate(sample.lesions):
             rows["patient_id"].append(sample.patient_id)
@@ -341,7 +433,10 @@ def cohort_table(samples: Sequence[PatientSample]) -> dict[str, np.ndarray]:
             rows["pdl1_baseline"].append(lesion.pdl1_baseline)
             rows["radius_um"].append(lesion.radius_um)
             rows["represented_diameter_mm"].append(
-                math.nan if lesion.represented_diameter_mm is None else lesion.represented_diameter_mm)
+                math.nan
+                if lesion.represented_diameter_mm is None
+                else lesion.represented_diameter_mm
+            )
             rows["patient_tmb"].append(sample.tmb)
             rows["n_lesions"].append(sample.n_lesions)
             rows["seed"].append(sample.seed)
@@ -360,13 +455,19 @@ def cohort_table(samples: Sequence[PatientSample]) -> dict[str, np.ndarray]:
 
 
 #: Units of the columns of :func:`cohort_table`.
-COHORT_UNITS = {"tmb": "mut/Mb", "patient_tmb": "mut/Mb", "pdl1_baseline": "1", "radius_um": "um",
-                "represented_diameter_mm": "mm"}
+COHORT_UNITS = {
+    "tmb": "mut/Mb",
+    "patient_tmb": "mut/Mb",
+    "pdl1_baseline": "1",
+    "radius_um": "um",
+    "represented_diameter_mm": "mm",
+}
 
 
 # ---------------------------------------------------------------------------
 # Chunk size
 # ---------------------------------------------------------------------------
+
 
 def available_memory_bytes(device: Any = None) -> int:
     """Free memory of the device that runs the trial (bytes).
@@ -400,6 +501,7 @@ def choose_chunk_size(per_member_state_bytes: int, members: int, device: Any = N
 # ---------------------------------------------------------------------------
 # Running a trial
 # ---------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class PatientOutcome:
@@ -498,14 +600,19 @@ def _check_samples(samples: Sequence[PatientSample], grid: Grid) -> None:
             raise ConfigError("cohort.patients", sample.patient_id, "unique patient ids")
         seen.add(sample.patient_id)
         if not 1 <= sample.n_lesions <= MAX_LESIONS:
-            raise ConfigError(f"cohort.patients[{sample.patient_id}].lesions", sample.n_lesions,
-                              f"1 to {MAX_LESIONS} lesions")
+            raise ConfigError(
+                f"cohort.patients[{sample.patient_id}].lesions",
+                sample.n_lesions,
+                f"1 to {MAX_LESIONS} lesions",
+            )
         for j, lesion in enumerate(sample.lesions):
             if not lesion.radius_um < half_box:
-                raise ConfigError(f"cohort.patients[{sample.patient_id}].lesions[{j}].radius_um",
-                                  lesion.radius_um,
-                                  f"a radius < half the box ({half_box:g} µm); shrink radius_um_range "
-                                  "or enlarge the grid")
+                raise ConfigError(
+                    f"cohort.patients[{sample.patient_id}].lesions[{j}].radius_um",
+                    lesion.radius_um,
+                    f"a radius < half the box ({half_box:g} µm); shrink radius_um_range "
+                    "or enlarge the grid",
+                )
 
 
 def _check_arms(arms: Sequence[str]) -> tuple[str, ...]:
@@ -532,11 +639,23 @@ def _largest_value(values: np.ndarray, lesion: int) -> float:
     return float(values[lesion]) if values.ndim else float(values)
 
 
-def _score(sample: PatientSample, arm: str, records: dict[str, np.ndarray], times: np.ndarray,
-           recist_diameter: str, lead_in_h: float, assessments: np.ndarray,
-           durable_cr_h: float) -> PatientOutcome:
-    result = score_recist(times, records[recist_diameter], assessments, durable_cr_h=durable_cr_h,
-                          baseline_time_h=lead_in_h)
+def _score(
+    sample: PatientSample,
+    arm: str,
+    records: dict[str, np.ndarray],
+    times: np.ndarray,
+    recist_diameter: str,
+    lead_in_h: float,
+    assessments: np.ndarray,
+    durable_cr_h: float,
+) -> PatientOutcome:
+    result = score_recist(
+        times,
+        records[recist_diameter],
+        assessments,
+        durable_cr_h=durable_cr_h,
+        baseline_time_h=lead_in_h,
+    )
     if math.isnan(result.time_to_progression_h):
         last = result.assessment_times_h[-1] if result.assessment_times_h.size else lead_in_h
         pfs, event = float(last - lead_in_h), False
@@ -545,34 +664,54 @@ def _score(sample: PatientSample, arm: str, records: dict[str, np.ndarray], time
     baseline = int(np.argmin(np.abs(times - lead_in_h)))
     largest = sample.largest_lesion
     return PatientOutcome(
-        patient_id=sample.patient_id, arm=arm, recist_diameter=recist_diameter,
-        baseline_sum_mm=float(result.baseline_mm), best_response=result.best_response,
+        patient_id=sample.patient_id,
+        arm=arm,
+        recist_diameter=recist_diameter,
+        baseline_sum_mm=float(result.baseline_mm),
+        best_response=result.best_response,
         best_percent_change=float(result.best_percent_change),
         percent_change=np.asarray(result.percent_change, dtype=float),
         sum_diameters_mm=np.asarray(result.sum_diameters_mm, dtype=float),
         categories=tuple(str(c) for c in result.category),
-        pfs_h=pfs, pfs_event=event,
+        pfs_h=pfs,
+        pfs_event=event,
         duration_of_response_h=float(result.duration_of_response_h),
-        response_censored=bool(result.response_censored), durable_cr=bool(result.durable_cr),
+        response_censored=bool(result.response_censored),
+        durable_cr=bool(result.durable_cr),
         max_irae_grade=int(round(float(np.max(records["irae_grade"])))),
         therapy_held=bool(np.max(records["therapy_held"]) >= 0.5),
         baseline_pdl1=_largest_value(records["mean_pd_l1"][baseline], largest),
-        baseline_class=CLASS_NAMES[int(round(_largest_value(records["immunophenotype"][baseline], largest)))],
+        baseline_class=CLASS_NAMES[
+            int(round(_largest_value(records["immunophenotype"][baseline], largest)))
+        ],
         touched_wall=bool(np.max(records["touches_wall"]) >= 0.5),
     )
 
 
-def run_trial(samples: Sequence[PatientSample], arms: Sequence[str], grid: Grid, duration_h: float, *,
-              lead_in_h: float = 336.0, assessment_interval_h: float = ASSESSMENT_INTERVAL_H,
-              record_interval_h: float = _WEEK_H, chunk_size: int | None = None, dtype: Any = jnp.float32,
-              dt_max: float = 1.0, safety: float = 0.9, durable_cr_h: float = 5 * _YEAR_H,
-              parameters: Mapping[str, Any] | None = None, weight_kg: float = 75.0,
-              splitting_order: int = 2, integrators: dict | None = None) -> TrialResult:
+def run_trial(
+    samples: Sequence[PatientSample],
+    arms: Sequence[str],
+    grid: Grid,
+    duration_h: float,
+    *,
+    lead_in_h: float = 336.0,
+    assessment_interval_h: float = ASSESSMENT_INTERVAL_H,
+    record_interval_h: float = _WEEK_H,
+    chunk_size: int | None = None,
+    dtype: Any = jnp.float32,
+    dt_max: float = 1.0,
+    safety: float = 0.9,
+    durable_cr_h: float = 5 * _YEAR_H,
+    parameters: Mapping[str, Any] | None = None,
+    weight_kg: float = 75.0,
+    splitting_order: int = 2,
+    integrators: dict | None = None,
+) -> TrialResult:
     """Run every patient under every arm (paired) and score each patient-arm by RECIST 1.1.
 
     Args:
         samples: the patients (:func:`sample_cohort`).
-        arms: regimen names of :data:`~tmesolve.therapy.regimens.REGIMENS` ("none" is a control arm).
+        arms: regimen names of :data:`~tmesolve.therapy.regimens.REGIMENS` ("none": control).
         grid: the grid of every lesion box.
         duration_h: time on therapy after the lead-in (h).
         lead_in_h: untreated time before therapy; the RECIST baseline is the record here (h).
@@ -609,26 +748,48 @@ def run_trial(samples: Sequence[PatientSample], arms: Sequence[str], grid: Grid,
     assessment_interval_h = check_positive("trial.assessment_interval_h", assessment_interval_h)
     record_interval_h = check_positive("trial.record_interval_h", record_interval_h)
     durable_cr_h = check_positive("trial.durable_cr_h", durable_cr_h)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
-                                   or chunk_size < 1):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
         raise ConfigError("trial.chunk_size", chunk_size, "an integer >= 1 or None (automatic)")
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ConfigError("trial.dtype", str(dtype), "float32 or float64")
     if dtype == jnp.dtype(jnp.float64) and not jax.config.jax_enable_x64:
-        raise ConfigError("trial.dtype", "float64", "jax_enable_x64 switched on first (JAX_ENABLE_X64=1)")
+        raise ConfigError(
+            "trial.dtype", "float64", "jax_enable_x64 switched on first (JAX_ENABLE_X64=1)"
+        )
     solver = make_solver_params(dt_max, safety, dtype=dtype)
     end_h = lead_in_h + duration_h
 
     # Stops: records (t = 0, every record interval, the baseline and every scan) and the
     # doses of every arm. Global, so a patient's stops do not depend on how it was chunked.
     assessments = _assessment_times(lead_in_h, end_h, assessment_interval_h)
-    records = np.unique(np.concatenate([[0.0, lead_in_h, end_h], assessments,
-                                        np.arange(record_interval_h, end_h, record_interval_h)]))
+    records = np.unique(
+        np.concatenate(
+            [
+                [0.0, lead_in_h, end_h],
+                assessments,
+                np.arange(record_interval_h, end_h, record_interval_h),
+            ]
+        )
+    )
     records = records[records <= end_h]
-    doses = [event_times(build_schedule(arm, start_h=lead_in_h, duration_h=duration_h, weight_kg=weight_kg,
-                                        dtype=dtype, key=f"trial.arms[{i}]"))
-             for i, arm in enumerate(arms)]
+    doses = [
+        event_times(
+            build_schedule(
+                arm,
+                start_h=lead_in_h,
+                duration_h=duration_h,
+                weight_kg=weight_kg,
+                dtype=dtype,
+                key=f"trial.arms[{i}]",
+            )
+        )
+        for i, arm in enumerate(arms)
+    ]
     stops = np.unique(np.concatenate([records, *doses]))
     stops = stops[(stops > 0.0) & (stops <= end_h)]
 
@@ -638,7 +799,9 @@ def run_trial(samples: Sequence[PatientSample], arms: Sequence[str], grid: Grid,
             groups.setdefault(sample.n_lesions, []).append((a, p))
 
     outcomes: dict[str, list[PatientOutcome | None]] = {arm: [None] * len(samples) for arm in arms}
-    histories: dict[str, list[dict[str, np.ndarray] | None]] = {arm: [None] * len(samples) for arm in arms}
+    histories: dict[str, list[dict[str, np.ndarray] | None]] = {
+        arm: [None] * len(samples) for arm in arms
+    }
     trace_counts: dict[int, int] = {}
     chunk_sizes: dict[int, int] = {}
     record_names = [name for name, *_ in TIMESERIES] + [name for name, _ in SYSTEMIC]
@@ -646,78 +809,131 @@ def run_trial(samples: Sequence[PatientSample], arms: Sequence[str], grid: Grid,
     def build(member: tuple[int, int]):
         a, p = member
         sample = samples[p]
-        return setup_tme(grid, sample.lesion_specs(), therapy=arms[a], therapy_start_h=lead_in_h,
-                         duration_h=duration_h, weight_kg=weight_kg, parameters=parameters, seed=sample.seed,
-                         dtype=dtype, key=f"cohort.patients[{sample.patient_id}].lesions")
+        return setup_tme(
+            grid,
+            sample.lesion_specs(),
+            therapy=arms[a],
+            therapy_start_h=lead_in_h,
+            duration_h=duration_h,
+            weight_kg=weight_kg,
+            parameters=parameters,
+            seed=sample.seed,
+            dtype=dtype,
+            key=f"cohort.patients[{sample.patient_id}].lesions",
+        )
 
     for lesion_count in sorted(groups):
         members = groups[lesion_count]
         first = build(members[0])
         size = chunk_size
         if size is None:
-            state_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(first.state))
+            state_bytes = sum(
+                np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(first.state)
+            )
             size = choose_chunk_size(state_bytes, len(members))
         size = min(size, len(members))
         chunk_sizes[lesion_count] = size
-        cache_key = ("tme", grid, lesion_count, first.model.margin_cells, first.model.tissue_velocity,
-                     splitting_order)
+        cache_key = (
+            "tme",
+            grid,
+            lesion_count,
+            first.model.margin_cells,
+            first.model.tissue_velocity,
+            splitting_order,
+        )
         cache = integrators if integrators is not None else {}
         integrator = cache.get(cache_key)
         if integrator is None:
             integrator = cache[cache_key] = BatchIntegrator(first.model, splitting_order)
         traced_before = integrator.trace_count
         del first
-        log.info("%d-lesion group: %d patient-arms in chunks of %d", lesion_count, len(members), size)
+        log.info(
+            "%d-lesion group: %d patient-arms in chunks of %d", lesion_count, len(members), size
+        )
         for start in range(0, len(members), size):
-            chunk = members[start:start + size]
-            padded = chunk + [chunk[-1]] * (size - len(chunk))     # static shape: one compile per group
+            chunk = members[start : start + size]
+            # Pad the last chunk with copies of its last member: one shape, one compile.
+            padded = chunk + [chunk[-1]] * (size - len(chunk))
             setups = [build(member) for member in padded]
             recist_uses = [setup.recist_uses for setup in setups]
-            model, params, state = stack_setups(setups)
+            _, params, state = stack_setups(setups)
             del setups
             collected: list[dict[str, np.ndarray]] = []
             chunk_started = time.perf_counter()
             state, readouts, _ = integrator.advance(state, params, solver, 0.0)
             collected.append(jax.device_get(readouts))
-            log.info("%d-lesion group: chunk ready (compile and set-up) after %.1f s", lesion_count,
-                     time.perf_counter() - chunk_started)
+            log.info(
+                "%d-lesion group: first advance (compiles on a new shape) took %.1f s",
+                lesion_count,
+                time.perf_counter() - chunk_started,
+            )
             steps = 0
             for stop in stops:
-                state, readouts, diagnostics = integrator.advance(state, params, solver, float(stop))
+                state, readouts, diagnostics = integrator.advance(
+                    state, params, solver, float(stop)
+                )
                 finite = np.asarray(diagnostics["finite"])
                 steps += int(np.max(diagnostics["steps"]))
                 if not np.all(finite):
                     # Padding copies the chunk's last member, so a failure there is also a real one.
                     a, p = chunk[min(int(np.argmin(finite)), len(chunk) - 1)]
-                    raise SimulationError(f"patient {samples[p].patient_id}, arm {arms[a]}: a field became "
-                                          f"non-finite before t = {stop:g} h; reduce dt_max")
+                    raise SimulationError(
+                        f"patient {samples[p].patient_id}, arm {arms[a]}: a field became "
+                        f"non-finite before t = {stop:g} h; reduce dt_max"
+                    )
                 if np.any(np.isclose(records, stop, rtol=0.0, atol=1e-6)):
                     collected.append(jax.device_get(readouts))
             times = np.asarray(records, dtype=float)
             for k, (a, p) in enumerate(chunk):
-                history = {name: np.stack([np.asarray(rec[name][k], dtype=np.float64) for rec in collected])
-                           for name in record_names}
+                history = {
+                    name: np.stack(
+                        [np.asarray(rec[name][k], dtype=np.float64) for rec in collected]
+                    )
+                    for name in record_names
+                }
                 arm = arms[a]
-                diameter = "longest_diameter_mm" if recist_uses[k] == "mask" else "burden_diameter_mm"
+                diameter = (
+                    "longest_diameter_mm" if recist_uses[k] == "mask" else "burden_diameter_mm"
+                )
                 histories[arm][p] = history
-                outcomes[arm][p] = _score(samples[p], arm, history, times, diameter, lead_in_h, assessments,
-                                          durable_cr_h)
-            log.info("%d-lesion group: %d/%d patient-arms done (%d steps, %.1f s)", lesion_count,
-                     min(start + size, len(members)), len(members), steps, time.perf_counter() - chunk_started)
+                outcomes[arm][p] = _score(
+                    samples[p], arm, history, times, diameter, lead_in_h, assessments, durable_cr_h
+                )
+            log.info(
+                "%d-lesion group: %d/%d patient-arms done (%d steps, %.1f s)",
+                lesion_count,
+                min(start + size, len(members)),
+                len(members),
+                steps,
+                time.perf_counter() - chunk_started,
+            )
         trace_counts[lesion_count] = integrator.trace_count - traced_before
 
     return TrialResult(
-        samples=samples, arms=arms, grid=grid, lead_in_h=lead_in_h, duration_h=duration_h,
-        assessment_interval_h=assessment_interval_h, durable_cr_h=durable_cr_h,
-        record_times_h=np.asarray(records, dtype=float), stop_times_h=np.asarray(stops, dtype=float),
+        samples=samples,
+        arms=arms,
+        grid=grid,
+        lead_in_h=lead_in_h,
+        duration_h=duration_h,
+        assessment_interval_h=assessment_interval_h,
+        durable_cr_h=durable_cr_h,
+        record_times_h=np.asarray(records, dtype=float),
+        stop_times_h=np.asarray(stops, dtype=float),
         assessment_times_h=assessments,
-        outcomes={arm: list(values) for arm, values in outcomes.items()},       # type: ignore[misc]
-        records={arm: list(values) for arm, values in histories.items()},       # type: ignore[misc]
-        trace_counts=trace_counts, chunk_sizes=chunk_sizes,
-        settings={"dtype": str(dtype), "dt_max_h": float(dt_max), "safety": float(safety),
-                  "splitting_order": int(splitting_order), "weight_kg": float(weight_kg),
-                  "record_interval_h": float(record_interval_h), "parameters": dict(parameters or {}),
-                  "backend": jax.default_backend()},
+        outcomes={arm: list(values) for arm, values in outcomes.items()},  # type: ignore[misc]
+        records={arm: list(values) for arm, values in histories.items()},  # type: ignore[misc]
+        trace_counts=trace_counts,
+        chunk_sizes=chunk_sizes,
+        settings={
+            "dtype": str(dtype),
+            "dt_max_h": float(dt_max),
+            "safety": float(safety),
+            "splitting_order": int(splitting_order),
+            "weight_kg": float(weight_kg),
+            "record_interval_h": float(record_interval_h),
+            "parameters": dict(parameters or {}),
+            "backend": jax.default_backend(),
+        },
         wall_time_s=time.perf_counter() - started,
     )
 
@@ -726,6 +942,7 @@ def run_trial(samples: Sequence[PatientSample], arms: Sequence[str], grid: Grid,
 # Summary
 # ---------------------------------------------------------------------------
 
+
 def wilson_interval(count: int, n: int, z: float = 1.959963984540054) -> dict[str, float]:
     """Proportion with the Wilson score interval (95 % by default).
 
@@ -733,13 +950,24 @@ def wilson_interval(count: int, n: int, z: float = 1.959963984540054) -> dict[st
     (Wilson 1927, JASA 22:209). n = 0 gives NaN. Returns {count, n, rate, lower_95, upper_95}.
     """
     if n <= 0:
-        return {"count": int(count), "n": 0, "rate": math.nan, "lower_95": math.nan, "upper_95": math.nan}
+        return {
+            "count": int(count),
+            "n": 0,
+            "rate": math.nan,
+            "lower_95": math.nan,
+            "upper_95": math.nan,
+        }
     p = count / n
     denominator = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z / denominator * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
-    return {"count": int(count), "n": int(n), "rate": p, "lower_95": max(0.0, centre - half),
-            "upper_95": min(1.0, centre + half)}
+    return {
+        "count": int(count),
+        "n": int(n),
+        "rate": p,
+        "lower_95": max(0.0, centre - half),
+        "upper_95": min(1.0, centre + half),
+    }
 
 
 def _lifelines():
@@ -747,8 +975,10 @@ def _lifelines():
         from lifelines import KaplanMeierFitter
         from lifelines.statistics import logrank_test, multivariate_logrank_test
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("summarize_trial needs lifelines for Kaplan–Meier and log-rank: "
-                          "pip install 'lifelines>=0.28' (or tmesolve[analysis])") from error
+        raise ImportError(
+            "summarize_trial needs lifelines for Kaplan–Meier and log-rank: "
+            "pip install 'lifelines>=0.28' (or tmesolve[analysis])"
+        ) from error
     return KaplanMeierFitter, logrank_test, multivariate_logrank_test
 
 
@@ -756,18 +986,29 @@ def _responded(outcome: PatientOutcome) -> bool:
     return outcome.best_response in ("CR", "PR")
 
 
-def _rate_by(outcomes: Sequence[PatientOutcome], keys: Sequence[Any], groups: Sequence[Any]) -> dict:
-    return {str(group): wilson_interval(sum(_responded(o) for o, k in zip(outcomes, keys) if k == group),
-                                        sum(1 for k in keys if k == group))
-            for group in groups}
+def _rate_by(
+    outcomes: Sequence[PatientOutcome], keys: Sequence[Any], groups: Sequence[Any]
+) -> dict:
+    return {
+        str(group): wilson_interval(
+            sum(_responded(o) for o, k in zip(outcomes, keys) if k == group),
+            sum(1 for k in keys if k == group),
+        )
+        for group in groups
+    }
 
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def summarize_trial(result: TrialResult, *, tmb_cut: float = TMB_HIGH_MUT_PER_MB, pdl1_cut: float = PDL1_HIGH,
-                    irae_grade: int = IRAE_POSITIVE_GRADE) -> dict[str, Any]:
+def summarize_trial(
+    result: TrialResult,
+    *,
+    tmb_cut: float = TMB_HIGH_MUT_PER_MB,
+    pdl1_cut: float = PDL1_HIGH,
+    irae_grade: int = IRAE_POSITIVE_GRADE,
+) -> dict[str, Any]:
     """Response rates, PFS, log-rank test and biomarker/irAE tables (a JSON-ready dict).
 
     Definitions (also returned under ``"definitions"``):
@@ -779,7 +1020,8 @@ def summarize_trial(result: TrialResult, *, tmb_cut: float = TMB_HIGH_MUT_PER_MB
       with 95 % bands (lifelines, Greenwood/exponential), log-rank test between arms
       (two arms: ``logrank_test``; more: ``multivariate_logrank_test`` and each arm against
       the first). Patients are the same in every arm: the test treats the arms as
-      independent samples, which ignores the pairing (conservative for paired data).
+      independent samples, which ignores the pairing (conservative when the paired
+      outcomes are positively correlated, as they are here).
     - TMB-high: the patient's TMB ≥ ``tmb_cut`` (10 mut/Mb, the KEYNOTE-158 cut).
     - PD-L1-high: mean tumour PD-L1 of the largest lesion at the baseline scan ≥ ``pdl1_cut``
       (0.5, the analogue of a tumour proportion score ≥ 50 %; measured, so it includes
@@ -810,10 +1052,12 @@ def summarize_trial(result: TrialResult, *, tmb_cut: float = TMB_HIGH_MUT_PER_MB
             "pfs": {
                 "events": int(events.sum()),
                 "median_h": _finite_or_none(float(fitter.median_survival_time_)),
-                "km": {"time_h": [float(t) for t in fitter.survival_function_.index],
-                       "survival": [float(s) for s in fitter.survival_function_.iloc[:, 0]],
-                       "lower_95": [float(s) for s in band.iloc[:, 0]],
-                       "upper_95": [float(s) for s in band.iloc[:, 1]]},
+                "km": {
+                    "time_h": [float(t) for t in fitter.survival_function_.index],
+                    "survival": [float(s) for s in fitter.survival_function_.iloc[:, 0]],
+                    "lower_95": [float(s) for s in band.iloc[:, 0]],
+                    "upper_95": [float(s) for s in band.iloc[:, 1]],
+                },
             },
             "irae": {
                 "rate": wilson_interval(sum(irae), n),
@@ -825,7 +1069,12 @@ def summarize_trial(result: TrialResult, *, tmb_cut: float = TMB_HIGH_MUT_PER_MB
             "touched_wall": int(sum(o.touched_wall for o in outcomes)),
         }
 
-    logrank: dict[str, Any] = {"p_value": math.nan, "statistic": math.nan, "test": "none", "pairwise": []}
+    logrank: dict[str, Any] = {
+        "p_value": math.nan,
+        "statistic": math.nan,
+        "test": "none",
+        "pairwise": [],
+    }
     if len(arms) >= 2:
         durations = [np.asarray([o.pfs_h for o in result.outcomes[arm]]) for arm in arms]
         events = [np.asarray([o.pfs_event for o in result.outcomes[arm]]) for arm in arms]
@@ -834,7 +1083,9 @@ def summarize_trial(result: TrialResult, *, tmb_cut: float = TMB_HIGH_MUT_PER_MB
             logrank["test"] = "logrank"
         else:
             labels = np.concatenate([[i] * len(d) for i, d in enumerate(durations)])
-            test = multivariate_logrank_test(np.concatenate(durations), labels, np.concatenate(events))
+            test = multivariate_logrank_test(
+                np.concatenate(durations), labels, np.concatenate(events)
+            )
             logrank["test"] = "multivariate_logrank"
         logrank["statistic"] = float(test.test_statistic)
         logrank["degrees_of_freedom"] = len(arms) - 1
@@ -844,14 +1095,19 @@ def summarize_trial(result: TrialResult, *, tmb_cut: float = TMB_HIGH_MUT_PER_MB
         for i in range(1, len(arms)):
             pair = logrank_test(durations[0], durations[i], events[0], events[i])
             p = float(pair.p_value)
-            logrank["pairwise"].append({"arms": [arms[0], arms[i]], "p_value": p if math.isfinite(p) else 1.0})
+            logrank["pairwise"].append(
+                {"arms": [arms[0], arms[i]], "p_value": p if math.isfinite(p) else 1.0}
+            )
 
     samples = result.samples
     tmb_high = [s.tmb >= tmb_cut for s in samples]
     phenotype = [s.lesions[s.largest_lesion].phenotype for s in samples]
-    biomarkers: dict[str, Any] = {"tmb": {"cut": tmb_cut, "units": "mut/Mb", "arms": {}},
-                                  "pdl1": {"cut": pdl1_cut, "units": "1", "arms": {}},
-                                  "phenotype": {"arms": {}}, "baseline_class": {"arms": {}}}
+    biomarkers: dict[str, Any] = {
+        "tmb": {"cut": tmb_cut, "units": "mut/Mb", "arms": {}},
+        "pdl1": {"cut": pdl1_cut, "units": "1", "arms": {}},
+        "phenotype": {"arms": {}},
+        "baseline_class": {"arms": {}},
+    }
     for arm in arms:
         outcomes = result.outcomes[arm]
         pdl1_high = [o.baseline_pdl1 >= pdl1_cut for o in outcomes]
@@ -873,10 +1129,11 @@ def summarize_trial(result: TrialResult, *, tmb_cut: float = TMB_HIGH_MUT_PER_MB
         "definitions": {
             "orr": "(CR + PR)/n, best overall response, unconfirmed; Wilson 95 % CI",
             "dcr": "(CR + PR + SD)/n; SD without a minimum duration",
-            "pfs": "start of therapy to first RECIST PD; censored at the last assessment; no deaths",
+            "pfs": "start of therapy to first RECIST PD; censored at the last scan; no deaths",
             "tmb_high": f"patient TMB >= {tmb_cut:g} mut/Mb",
-            "pdl1_high": f"mean tumour PD-L1 of the largest lesion at the baseline scan >= {pdl1_cut:g}",
-            "phenotype": "sampled phenotype of the largest lesion (baseline_class: classifier at baseline)",
+            "pdl1_high": f"mean tumour PD-L1 of the largest lesion at baseline >= {pdl1_cut:g}",
+            "phenotype": "sampled phenotype of the largest lesion "
+            "(baseline_class: its classifier reading at baseline)",
             "irae_positive": f"max irAE grade >= {irae_grade}",
             "logrank": "arms treated as independent samples (the design is paired)",
         },
@@ -935,22 +1192,31 @@ def _dataset(group, name: str, values, units: str, description: str = ""):
 def _format_rate(rate: Mapping[str, float]) -> str:
     if rate["n"] == 0:
         return "n/a (n = 0)"
-    return (f"{100 * rate['rate']:5.1f} % ({100 * rate['lower_95']:.1f}–{100 * rate['upper_95']:.1f}) "
-            f"[{rate['count']}/{rate['n']}]")
+    return (
+        f"{100 * rate['rate']:5.1f} % ({100 * rate['lower_95']:.1f}–{100 * rate['upper_95']:.1f}) "
+        f"[{rate['count']}/{rate['n']}]"
+    )
 
 
 def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec | None) -> str:
     lines = []
     name = cohort.name if cohort is not None else "cohort"
-    lines.append(f"tmesolve virtual trial: {name}, {summary['n_patients']} patients, "
-                 f"arms {', '.join(result.arms)} (paired: every patient in every arm)")
-    lines.append("THESE ARE MODEL OUTPUTS OF AN UNCALIBRATED VIRTUAL COHORT, not predictions of clinical "
-                 "efficacy; the model has not been fitted to any trial.")
+    lines.append(
+        f"tmesolve virtual trial: {name}, {summary['n_patients']} patients, "
+        f"arms {', '.join(result.arms)} (paired: every patient in every arm)"
+    )
+    lines.append(
+        "THESE ARE MODEL OUTPUTS OF AN UNCALIBRATED VIRTUAL COHORT, not predictions of clinical "
+        "efficacy; the model has not been fitted to any trial."
+    )
     grid = result.grid
-    lines.append(f"Grid {'x'.join(map(str, grid.shape))} voxels of {grid.spacing_um:g} um per lesion; "
-                 f"lead-in {result.lead_in_h / _WEEK_H:g} wk untreated, then {result.duration_h / _WEEK_H:g} wk "
-                 f"of therapy; RECIST 1.1 scans every {result.assessment_interval_h / _WEEK_H:g} wk and at the end "
-                 f"({result.settings['dtype']}, dt_max {result.settings['dt_max_h']:g} h).")
+    lines.append(
+        f"Grid {'x'.join(map(str, grid.shape))} voxels of {grid.spacing_um:g} um per lesion; "
+        f"lead-in {result.lead_in_h / _WEEK_H:g} wk untreated, "
+        f"then {result.duration_h / _WEEK_H:g} wk of therapy; RECIST 1.1 scans every "
+        f"{result.assessment_interval_h / _WEEK_H:g} wk and at the end "
+        f"({result.settings['dtype']}, dt_max {result.settings['dt_max_h']:g} h)."
+    )
     if cohort is not None and cohort.source:
         lines.append(f"Cohort: {cohort.source}.")
     lines.append("")
@@ -960,57 +1226,88 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
         anchor = ""
         if arm in CHECKMATE_067_ORR:
             anchor = f"   CheckMate 067 ORR {100 * CHECKMATE_067_ORR[arm]:.1f} %"
-        lines.append(f"  {arm}: ORR {_format_rate(entry['orr'])}; CR {_format_rate(entry['cr_rate'])}; "
-                     f"DCR {_format_rate(entry['dcr'])}{anchor}")
+        lines.append(
+            f"  {arm}: ORR {_format_rate(entry['orr'])}; CR {_format_rate(entry['cr_rate'])}; "
+            f"DCR {_format_rate(entry['dcr'])}{anchor}"
+        )
     if any(arm in CHECKMATE_067_ORR for arm in result.arms):
         melanoma = cohort is not None and cohort.name == "melanoma"
-        lines.append("  CheckMate 067 (advanced melanoma, Larkin 2019): ORR 19.0 % ipilimumab, 43.7 % nivolumab, "
-                     "57.6 % nivolumab+ipilimumab; shown for context, not as a fit"
-                     + ("" if melanoma else " (this cohort is not the melanoma preset)") + ".")
+        lines.append(
+            "  CheckMate 067 (advanced melanoma, Larkin 2019): ORR 19.0 % ipilimumab, "
+            "43.7 % nivolumab, "
+            "57.6 % nivolumab+ipilimumab; shown for context, not as a fit"
+            + ("" if melanoma else " (this cohort is not the melanoma preset)")
+            + "."
+        )
     lines.append("")
-    lines.append("Progression-free survival (RECIST PD; censored at the last scan; no deaths in the model)")
+    lines.append(
+        "Progression-free survival (RECIST PD; censored at the last scan; no deaths in the model)"
+    )
     for arm in result.arms:
         pfs = summary["per_arm"][arm]["pfs"]
         median = "not reached" if pfs["median_h"] is None else f"{pfs['median_h'] / _WEEK_H:.1f} wk"
         lines.append(f"  {arm}: median {median}, {pfs['events']} events")
     logrank = summary["logrank"]
     if logrank["test"] != "none":
-        lines.append(f"  log-rank ({logrank['test']}): statistic {logrank['statistic']:.3g}, "
-                     f"p = {logrank['p_value']:.3g} ({logrank['events']} events; arms treated as independent "
-                     "although the patients are paired)")
-        for pair in logrank["pairwise"][1:] if len(result.arms) > 2 else []:
-            lines.append(f"    {pair['arms'][0]} vs {pair['arms'][1]}: p = {pair['p_value']:.3g}")
-        if len(result.arms) > 2:
-            first = logrank["pairwise"][0]
-            lines.append(f"    {first['arms'][0]} vs {first['arms'][1]}: p = {first['p_value']:.3g}")
+        lines.append(
+            f"  log-rank ({logrank['test']}): statistic {logrank['statistic']:.3g}, "
+            f"p = {logrank['p_value']:.3g} ({logrank['events']} events; "
+            "arms treated as independent "
+            "although the patients are paired)"
+        )
+        if len(result.arms) > 2:  # the overall test above; each arm against the first here
+            for pair in logrank["pairwise"]:
+                lines.append(
+                    f"    {pair['arms'][0]} vs {pair['arms'][1]}: p = {pair['p_value']:.3g}"
+                )
     lines.append("")
     biomarkers = summary["biomarkers"]
-    lines.append(f"ORR by biomarker (TMB-high: patient TMB >= {biomarkers['tmb']['cut']:g} mut/Mb; PD-L1-high: "
-                 f"largest lesion's tumour PD-L1 at baseline >= {biomarkers['pdl1']['cut']:g})")
+    lines.append(
+        f"ORR by biomarker (TMB-high: patient TMB >= {biomarkers['tmb']['cut']:g} mut/Mb; "
+        "PD-L1-high: "
+        f"largest lesion's tumour PD-L1 at baseline >= {biomarkers['pdl1']['cut']:g})"
+    )
     for arm in result.arms:
         tmb = biomarkers["tmb"]["arms"][arm]
         pdl1 = biomarkers["pdl1"]["arms"][arm]
-        lines.append(f"  {arm}: TMB-high {_format_rate(tmb['high'])}; TMB-low {_format_rate(tmb['low'])}")
-        lines.append(f"  {' ' * len(arm)}  PD-L1-high {_format_rate(pdl1['high'])}; "
-                     f"PD-L1-low {_format_rate(pdl1['low'])}")
+        lines.append(
+            f"  {arm}: TMB-high {_format_rate(tmb['high'])}; TMB-low {_format_rate(tmb['low'])}"
+        )
+        lines.append(
+            f"  {' ' * len(arm)}  PD-L1-high {_format_rate(pdl1['high'])}; "
+            f"PD-L1-low {_format_rate(pdl1['low'])}"
+        )
         by_phenotype = biomarkers["phenotype"]["arms"][arm]
-        lines.append(f"  {' ' * len(arm)}  largest lesion " + "; ".join(
-            f"{ph} {_format_rate(by_phenotype[ph])}" for ph in PHENOTYPES))
+        lines.append(
+            f"  {' ' * len(arm)}  largest lesion "
+            + "; ".join(f"{ph} {_format_rate(by_phenotype[ph])}" for ph in PHENOTYPES)
+        )
     lines.append("")
-    lines.append("Immune-related adverse events (irAE-positive: max grade >= 2 of the irAE index proxy)")
+    lines.append(
+        "Immune-related adverse events (irAE-positive: max grade >= 2 of the irAE index proxy)"
+    )
     for arm in result.arms:
         irae = summary["per_arm"][arm]["irae"]
         held = summary["per_arm"][arm]["therapy_held"]
-        lines.append(f"  {arm}: irAE {_format_rate(irae['rate'])}; ORR irAE+ {_format_rate(irae['orr_positive'])}; "
-                     f"ORR irAE- {_format_rate(irae['orr_negative'])}; therapy held in {held}")
+        lines.append(
+            f"  {arm}: irAE {_format_rate(irae['rate'])}; "
+            f"ORR irAE+ {_format_rate(irae['orr_positive'])}; "
+            f"ORR irAE- {_format_rate(irae['orr_negative'])}; therapy held in {held}"
+        )
     walls = sum(summary["per_arm"][arm]["touched_wall"] for arm in result.arms)
     if walls:
         lines.append("")
-        lines.append(f"WARNING: in {walls} patient-arms a tumour reached its box wall: growth is underestimated "
-                     "there (enlarge the grid or shrink radius_um_range).")
+        lines.append(
+            f"WARNING: in {walls} patient-arms a tumour reached its box wall: "
+            "growth is underestimated "
+            "there (enlarge the grid or shrink radius_um_range)."
+        )
     lines.append("")
-    lines.append(f"Compiles per lesion-count group: {result.trace_counts}; chunk sizes: {result.chunk_sizes}; "
-                 f"wall time {result.wall_time_s:.1f} s on {result.settings['backend']}.")
+    lines.append(
+        f"Compiles per lesion-count group: {result.trace_counts}; "
+        f"chunk sizes: {result.chunk_sizes}; "
+        f"wall time {result.wall_time_s:.1f} s on {result.settings['backend']}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -1018,11 +1315,25 @@ def _summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
 
     def add(section, arm, group, metric, rate=None, value=None):
-        row = {"section": section, "arm": arm, "group": group, "metric": metric, "count": "", "n": "",
-               "value": "", "lower_95": "", "upper_95": ""}
+        row = {
+            "section": section,
+            "arm": arm,
+            "group": group,
+            "metric": metric,
+            "count": "",
+            "n": "",
+            "value": "",
+            "lower_95": "",
+            "upper_95": "",
+        }
         if rate is not None:
-            row.update(count=rate["count"], n=rate["n"], value=rate["rate"], lower_95=rate["lower_95"],
-                       upper_95=rate["upper_95"])
+            row.update(
+                count=rate["count"],
+                n=rate["n"],
+                value=rate["rate"],
+                lower_95=rate["lower_95"],
+                upper_95=rate["upper_95"],
+            )
         else:
             row["value"] = value
         rows.append(row)
@@ -1042,7 +1353,13 @@ def _summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     if logrank["test"] != "none":
         add("pfs", "all", logrank["test"], "logrank_p", value=logrank["p_value"])
         for pair in logrank["pairwise"]:
-            add("pfs", f"{pair['arms'][0]} vs {pair['arms'][1]}", "logrank", "logrank_p", value=pair["p_value"])
+            add(
+                "pfs",
+                f"{pair['arms'][0]} vs {pair['arms'][1]}",
+                "logrank",
+                "logrank_p",
+                value=pair["p_value"],
+            )
     for marker in ("tmb", "pdl1", "phenotype", "baseline_class"):
         for arm, groups in summary["biomarkers"][marker]["arms"].items():
             for group, rate in groups.items():
@@ -1058,8 +1375,14 @@ def _spec_dict(cohort: CohortSpec | None) -> dict[str, Any]:
     return values
 
 
-def write_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | os.PathLike, *,
-                cohort: CohortSpec | None = None, figures: bool = True) -> dict[str, Path]:
+def write_trial(
+    result: TrialResult,
+    summary: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    cohort: CohortSpec | None = None,
+    figures: bool = True,
+) -> dict[str, Path]:
     """Write ``cohort.h5``, ``patients.csv``, ``summary.csv``, ``report.txt`` and ``figures/``.
 
     ``cohort.h5`` (h5py, ``libver=("earliest", "v110")``; every dataset has ``units``):
@@ -1077,8 +1400,12 @@ def write_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"h5": out / "cohort.h5", "patients": out / "patients.csv", "summary": out / "summary.csv",
-             "report": out / "report.txt"}
+    paths = {
+        "h5": out / "cohort.h5",
+        "patients": out / "patients.csv",
+        "summary": out / "summary.csv",
+        "report": out / "report.txt",
+    }
     units = {name: unit for name, unit, _ in TIMESERIES}
     units.update(dict(SYSTEMIC))
 
@@ -1089,13 +1416,21 @@ def write_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | 
         handle.attrs["cohort"] = json.dumps(_spec_dict(cohort), default=str)
         handle.attrs["grid_shape"] = np.asarray(result.grid.shape)
         handle.attrs["grid_spacing_um"] = float(result.grid.spacing_um)
-        for name in ("lead_in_h", "duration_h", "assessment_interval_h", "durable_cr_h", "wall_time_s"):
+        for name in (
+            "lead_in_h",
+            "duration_h",
+            "assessment_interval_h",
+            "durable_cr_h",
+            "wall_time_s",
+        ):
             handle.attrs[name] = float(getattr(result, name))
         handle.attrs["settings"] = json.dumps(result.settings, default=str)
         handle.attrs["trace_counts"] = json.dumps(result.trace_counts)
         handle.attrs["summary"] = json.dumps(summary, default=str)
         _dataset(handle, "record_time_h", result.record_times_h, "h", "time of each readout record")
-        _dataset(handle, "assessment_time_h", result.assessment_times_h, "h", "RECIST assessment times")
+        _dataset(
+            handle, "assessment_time_h", result.assessment_times_h, "h", "RECIST assessment times"
+        )
         lesions = handle.create_group("cohort/lesions")
         for name, values in cohort_table(result.samples).items():
             _dataset(lesions, name, values, COHORT_UNITS.get(name, "1"))
@@ -1105,15 +1440,31 @@ def write_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | 
             _dataset(group, "patient_id", [o.patient_id for o in outcomes], "name")
             for name, unit in OUTCOME_COLUMNS:
                 _dataset(group.require_group("outcomes"), name, _column(outcomes, name), unit)
-            _dataset(group, "percent_change", np.stack([o.percent_change for o in outcomes]), "%",
-                     "change of the sum of diameters from baseline at each assessment")
-            _dataset(group, "sum_diameters_mm", np.stack([o.sum_diameters_mm for o in outcomes]), "mm")
-            _dataset(group, "category", np.asarray([list(o.categories) for o in outcomes], dtype=str), "category",
-                     "RECIST 1.1 category at each assessment")
+            _dataset(
+                group,
+                "percent_change",
+                np.stack([o.percent_change for o in outcomes]),
+                "%",
+                "change of the sum of diameters from baseline at each assessment",
+            )
+            _dataset(
+                group, "sum_diameters_mm", np.stack([o.sum_diameters_mm for o in outcomes]), "mm"
+            )
+            _dataset(
+                group,
+                "category",
+                np.asarray([list(o.categories) for o in outcomes], dtype=str),
+                "category",
+                "RECIST 1.1 category at each assessment",
+            )
             km = summary["per_arm"][arm]["pfs"]["km"]
             for name in ("time_h", "survival", "lower_95", "upper_95"):
-                _dataset(group.require_group("km"), name, np.asarray(km[name], dtype=float),
-                         "h" if name == "time_h" else "1")
+                _dataset(
+                    group.require_group("km"),
+                    name,
+                    np.asarray(km[name], dtype=float),
+                    "h" if name == "time_h" else "1",
+                )
             for outcome, history in zip(outcomes, result.records[arm]):
                 records = group.require_group(f"records/{outcome.patient_id}")
                 for name, values in history.items():
@@ -1121,18 +1472,48 @@ def write_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | 
 
     with open(paths["patients"], "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["arm", "patient_id", "n_lesions", "patient_tmb_mut_per_mb", "largest_lesion_phenotype",
-                         "baseline_pdl1", "baseline_class", "best_response", "best_percent_change",
-                         "pfs_weeks", "pfs_event", "duration_of_response_weeks", "durable_cr", "max_irae_grade",
-                         "therapy_held", "touched_wall"])
+        writer.writerow(
+            [
+                "arm",
+                "patient_id",
+                "n_lesions",
+                "patient_tmb_mut_per_mb",
+                "largest_lesion_phenotype",
+                "baseline_pdl1",
+                "baseline_class",
+                "best_response",
+                "best_percent_change",
+                "pfs_weeks",
+                "pfs_event",
+                "duration_of_response_weeks",
+                "durable_cr",
+                "max_irae_grade",
+                "therapy_held",
+                "touched_wall",
+            ]
+        )
         for arm in result.arms:
             for sample, o in zip(result.samples, result.outcomes[arm]):
-                writer.writerow([arm, o.patient_id, sample.n_lesions, f"{sample.tmb:.4g}",
-                                 sample.lesions[sample.largest_lesion].phenotype, f"{o.baseline_pdl1:.4g}",
-                                 o.baseline_class, o.best_response, f"{o.best_percent_change:.4g}",
-                                 f"{o.pfs_h / _WEEK_H:.4g}", int(o.pfs_event),
-                                 f"{o.duration_of_response_h / _WEEK_H:.4g}", int(o.durable_cr), o.max_irae_grade,
-                                 int(o.therapy_held), int(o.touched_wall)])
+                writer.writerow(
+                    [
+                        arm,
+                        o.patient_id,
+                        sample.n_lesions,
+                        f"{sample.tmb:.4g}",
+                        sample.lesions[sample.largest_lesion].phenotype,
+                        f"{o.baseline_pdl1:.4g}",
+                        o.baseline_class,
+                        o.best_response,
+                        f"{o.best_percent_change:.4g}",
+                        f"{o.pfs_h / _WEEK_H:.4g}",
+                        int(o.pfs_event),
+                        f"{o.duration_of_response_h / _WEEK_H:.4g}",
+                        int(o.durable_cr),
+                        o.max_irae_grade,
+                        int(o.therapy_held),
+                        int(o.touched_wall),
+                    ]
+                )
     with open(paths["summary"], "w", newline="", encoding="utf-8") as stream:
         rows = _summary_rows(summary)
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
@@ -1148,8 +1529,15 @@ def write_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | 
 # Figures
 # ---------------------------------------------------------------------------
 
-RESPONSE_COLOURS = {"CR": "#1b7837", "PR": "#7fbf7b", "SD": "#bdbdbd", "PD": "#d6604d", "NE": "#f0f0f0"}
-ARM_COLOURS = ("#2166ac", "#b2182b", "#1b7837", "#762a83", "#e08214", "#4d4d4d")
+RESPONSE_COLOURS = {
+    "CR": "#1b7837",
+    "PR": "#7fbf7b",
+    "SD": "#bdbdbd",
+    "PD": "#d6604d",
+    "NE": "#f0f0f0",
+}
+#: Arm colours avoid the greens of CR/PR (the swimmer plot draws responses on the arm bars).
+ARM_COLOURS = ("#2166ac", "#b2182b", "#e08214", "#762a83", "#4d4d4d", "#8c510a")
 
 
 def _save(figure, path: Path) -> Path:
@@ -1160,7 +1548,9 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def plot_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+def plot_trial(
+    result: TrialResult, summary: Mapping[str, Any], out_dir: str | os.PathLike
+) -> dict[str, Path]:
     """Waterfall of best % change per arm, Kaplan–Meier PFS with 95 % bands, swimmer plot (PNG)."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -1173,10 +1563,17 @@ def plot_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | o
     figure = Figure(figsize=(max(5.0, 3.2 * len(arms)), 3.8), layout="constrained")
     axes = figure.subplots(1, len(arms), sharey=True, squeeze=False)[0]
     for ax, arm in zip(axes, arms):
-        outcomes = sorted(result.outcomes[arm], key=lambda o: -np.nan_to_num(o.best_percent_change, nan=-1e9))
+        outcomes = sorted(
+            result.outcomes[arm], key=lambda o: -np.nan_to_num(o.best_percent_change, nan=-1e9)
+        )
         values = [o.best_percent_change for o in outcomes]
-        ax.bar(range(len(values)), np.nan_to_num(values), color=[RESPONSE_COLOURS[o.best_response] for o in outcomes],
-               edgecolor="#404040", linewidth=0.4)
+        ax.bar(
+            range(len(values)),
+            np.nan_to_num(values),
+            color=[RESPONSE_COLOURS[o.best_response] for o in outcomes],
+            edgecolor="#404040",
+            linewidth=0.4,
+        )
         ax.axhline(20.0, color="#d6604d", linestyle="--", linewidth=0.8)
         ax.axhline(-30.0, color="#1b7837", linestyle="--", linewidth=0.8)
         ax.axhline(0.0, color="black", linewidth=0.6)
@@ -1184,9 +1581,22 @@ def plot_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | o
         ax.set_xticks([])
         ax.set_xlabel("patients")
     axes[0].set_ylabel("best change of sum of diameters (%)")
-    axes[0].set_ylim(-105.0, max(40.0, 1.1 * max([np.nanmax([o.best_percent_change for o in result.outcomes[a]]
-                                                              + [0.0]) for a in arms])))
-    figure.legend(handles=[Patch(color=RESPONSE_COLOURS[c], label=c) for c in CATEGORIES], loc="outside right")
+    axes[0].set_ylim(
+        -105.0,
+        max(
+            40.0,
+            1.1
+            * max(
+                [
+                    np.nanmax([o.best_percent_change for o in result.outcomes[a]] + [0.0])
+                    for a in arms
+                ]
+            ),
+        ),
+    )
+    figure.legend(
+        handles=[Patch(color=RESPONSE_COLOURS[c], label=c) for c in CATEGORIES], loc="outside right"
+    )
     written["waterfall"] = _save(figure, out / "waterfall.png")
 
     figure = Figure(figsize=(6.0, 4.0), layout="constrained")
@@ -1196,11 +1606,16 @@ def plot_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | o
         km = summary["per_arm"][arm]["pfs"]["km"]
         weeks = np.asarray(km["time_h"]) / _WEEK_H
         ax.step(weeks, km["survival"], where="post", color=colour, label=arm)
-        ax.fill_between(weeks, km["lower_95"], km["upper_95"], step="post", color=colour, alpha=0.15)
+        ax.fill_between(
+            weeks, km["lower_95"], km["upper_95"], step="post", color=colour, alpha=0.15
+        )
         censored = [o.pfs_h / _WEEK_H for o in result.outcomes[arm] if not o.pfs_event]
         if censored:
-            level = np.interp(censored, weeks, km["survival"]) if len(weeks) > 1 else [km["survival"][0]] * len(
-                censored)
+            level = (
+                np.interp(censored, weeks, km["survival"])
+                if len(weeks) > 1
+                else [km["survival"][0]] * len(censored)
+            )
             ax.plot(censored, level, "|", color=colour, markersize=8)
     logrank = summary["logrank"]
     title = "Progression-free survival (Kaplan–Meier, 95 % band)"
@@ -1210,14 +1625,17 @@ def plot_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | o
     ax.set_xlabel("weeks from start of therapy")
     ax.set_ylabel("progression-free")
     ax.set_ylim(-0.02, 1.05)
-    ax.set_xlim(0.0, result.duration_h / _WEEK_H * 1.02)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_xlim(0.0, result.duration_h / _WEEK_H * 1.05)
+    ax.legend(fontsize=8, loc="upper right")
     written["km"] = _save(figure, out / "km_pfs.png")
 
+    from matplotlib.lines import Line2D
+
     rows = [(arm, o) for arm in arms for o in result.outcomes[arm]]
-    figure = Figure(figsize=(6.5, max(3.0, 0.22 * len(rows) + 1.2)), layout="constrained")
+    figure = Figure(figsize=(7.0, max(3.0, 0.22 * len(rows) + 1.4)), layout="constrained")
     ax = figure.subplots()
     assessments = (result.assessment_times_h - result.lead_in_h) / _WEEK_H
+    span = result.duration_h / _WEEK_H
     for y, (arm, o) in enumerate(rows):
         colour = ARM_COLOURS[arms.index(arm) % len(ARM_COLOURS)]
         follow_up = o.pfs_h / _WEEK_H
@@ -1225,19 +1643,50 @@ def plot_trial(result: TrialResult, summary: Mapping[str, Any], out_dir: str | o
         responded = [i for i, c in enumerate(o.categories) if c in ("CR", "PR")]
         if responded:
             first = assessments[responded[0]]
-            length = o.duration_of_response_h / _WEEK_H if math.isfinite(o.duration_of_response_h) else 0.0
-            ax.barh(y, max(length, 0.15), left=first, color=RESPONSE_COLOURS[o.best_response], height=0.35)
-            ax.plot(first, y, marker=">", color="black", markersize=4)
+            length = (
+                o.duration_of_response_h / _WEEK_H
+                if math.isfinite(o.duration_of_response_h)
+                else 0.0
+            )
+            ax.barh(y, length, left=first, color=RESPONSE_COLOURS[o.best_response], height=0.35)
+            ax.plot(
+                first,
+                y,
+                marker="o",
+                color=RESPONSE_COLOURS[o.best_response],
+                markeredgecolor="black",
+                markersize=5,
+            )
         if o.pfs_event:
-            ax.plot(follow_up, y, marker="x", color="#b2182b", markersize=6)
+            ax.plot(follow_up, y, marker="X", color="#b2182b", markersize=7)
         else:
-            ax.plot(follow_up, y, marker="4", color="black", markersize=8)
+            ax.plot(follow_up + 0.012 * span, y, marker=">", color="black", markersize=5)
     ax.set_yticks(range(len(rows)), [f"{o.patient_id} ({arm})" for arm, o in rows], fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel("weeks from start of therapy")
-    ax.set_title("Swimmer plot: follow-up (bar), response (inner bar: first CR/PR to PD or end), "
-                 "PD (x), censored (tick)", fontsize=8)
-    ax.set_xlim(0.0, result.duration_h / _WEEK_H * 1.05)
+    ax.set_title("Swimmer plot: progression-free follow-up per patient and arm", fontsize=9)
+    ax.set_xlim(0.0, span * 1.06)
+    handles = [
+        Patch(color=ARM_COLOURS[i % len(ARM_COLOURS)], alpha=0.35, label=arm)
+        for i, arm in enumerate(arms)
+    ]
+    handles += [
+        Patch(color=RESPONSE_COLOURS["CR"], label="CR (duration)"),
+        Patch(color=RESPONSE_COLOURS["PR"], label="PR (duration)"),
+        Line2D(
+            [],
+            [],
+            marker="o",
+            color="white",
+            markerfacecolor="#7fbf7b",
+            markeredgecolor="black",
+            label="first response",
+        ),
+        Line2D(
+            [], [], marker="X", color="white", markerfacecolor="#b2182b", markersize=8, label="PD"
+        ),
+        Line2D([], [], marker=">", color="white", markerfacecolor="black", label="censored"),
+    ]
+    figure.legend(handles=handles, loc="outside right", fontsize=7)
     written["swimmer"] = _save(figure, out / "swimmer.png")
     return written
-

@@ -51,27 +51,52 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Sample a virtual cohort and run it under several therapy arms "
-                                            "(the same patients in every arm).")
-    parser.add_argument("--preset", default="melanoma", help="cohort preset (melanoma, nsclc, rcc, mss_colorectal)")
-    parser.add_argument("--patients", type=int, default=None, help="number of patients (default: the preset's)")
-    parser.add_argument("--arms", default="nivolumab", help="comma-separated regimens, e.g. ipilimumab,nivolumab")
+    parser = _Parser(
+        prog=PROG,
+        description="Sample a virtual cohort and run it under several therapy arms "
+        "(the same patients in every arm).",
+    )
+    parser.add_argument(
+        "--preset", default="melanoma", help="cohort preset (melanoma, nsclc, rcc, mss_colorectal)"
+    )
+    parser.add_argument(
+        "--patients", type=int, default=None, help="number of patients (default: the preset's)"
+    )
+    parser.add_argument(
+        "--arms", default="nivolumab", help="comma-separated regimens, e.g. ipilimumab,nivolumab"
+    )
     parser.add_argument("--grid", type=int, default=8, help="voxels per side of each lesion box")
     parser.add_argument("--spacing-um", type=float, default=80.0, help="voxel edge (µm)")
     parser.add_argument("--weeks", type=float, default=24.0, help="weeks on therapy")
-    parser.add_argument("--lead-in-weeks", type=float, default=2.0, help="untreated weeks before therapy")
-    parser.add_argument("--assessment-weeks", type=float, default=6.0, help="weeks between RECIST scans")
+    parser.add_argument(
+        "--lead-in-weeks", type=float, default=2.0, help="untreated weeks before therapy"
+    )
+    parser.add_argument(
+        "--assessment-weeks", type=float, default=6.0, help="weeks between RECIST scans"
+    )
     parser.add_argument("--lesions", default=None, help="MIN,MAX target lesions per patient (1-5)")
     parser.add_argument("--radius-um", default=None, help="LOW,HIGH simulated lesion radius (µm)")
-    parser.add_argument("--durable-cr-weeks", type=float, default=5 * 365.25 / 7,
-                        help="a CR held this long is durable (default 5 years)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the preset's)")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="patient-arms advanced together (default: from free memory)")
+    parser.add_argument(
+        "--durable-cr-weeks",
+        type=float,
+        default=5 * 365.25 / 7,
+        help="a CR held this long is durable (default 5 years)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="sampling seed (default: the preset's)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="patient-arms advanced together (default: from free memory)",
+    )
     parser.add_argument("--dt-max", type=float, default=1.0, help="largest time step (h)")
     parser.add_argument("--float64", action="store_true", help="run in float64")
     parser.add_argument("--out", default="cohort_out", help="output directory (new or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into an existing non-empty directory"
+    )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
@@ -129,12 +154,20 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ConfigError("--chunk-size", args.chunk_size, "an integer >= 1")
     box_um = args.grid * args.spacing_um
-    radius = (RADIUS_FRACTION[0] * box_um, RADIUS_FRACTION[1] * box_um) if args.radius_um is None \
+    radius = (
+        (RADIUS_FRACTION[0] * box_um, RADIUS_FRACTION[1] * box_um)
+        if args.radius_um is None
         else _pair("--radius-um", args.radius_um)
+    )
     if not 0 < radius[0] <= radius[1] < 0.5 * box_um:
-        raise ConfigError("--radius-um", args.radius_um, f"0 < LOW <= HIGH < half the box ({0.5 * box_um:g} µm)")
-    lesions = (preset.lesions_min, preset.lesions_max) if args.lesions is None \
+        raise ConfigError(
+            "--radius-um", args.radius_um, f"0 < LOW <= HIGH < half the box ({0.5 * box_um:g} µm)"
+        )
+    lesions = (
+        (preset.lesions_min, preset.lesions_max)
+        if args.lesions is None
         else _pair("--lesions", args.lesions, int)
+    )
     if not 1 <= lesions[0] <= lesions[1] <= 5:
         raise ConfigError("--lesions", args.lesions, "MIN,MAX with 1 <= MIN <= MAX <= 5")
     seed = preset.seed if args.seed is None else args.seed
@@ -147,15 +180,32 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError("--out", str(out), "a new or empty directory (or pass --overwrite)")
 
-    spec = dataclasses.replace(preset, n_patients=patients, lesions_min=lesions[0], lesions_max=lesions[1],
-                               radius_um_range=radius, seed=seed)
+    spec = dataclasses.replace(
+        preset,
+        n_patients=patients,
+        lesions_min=lesions[0],
+        lesions_max=lesions[1],
+        radius_um_range=radius,
+        seed=seed,
+    )
     week = 7 * 24.0
-    options = {"duration_h": args.weeks * week, "lead_in_h": args.lead_in_weeks * week,
-               "assessment_interval_h": args.assessment_weeks * week,
-               "durable_cr_h": args.durable_cr_weeks * week, "chunk_size": args.chunk_size,
-               "dt_max": args.dt_max, "float64": args.float64}
-    return _Plan(spec=spec, arms=arms, grid=Grid((args.grid,) * 3, args.spacing_um), out=out, options=options,
-                 figures=not args.no_figures)
+    options = {
+        "duration_h": args.weeks * week,
+        "lead_in_h": args.lead_in_weeks * week,
+        "assessment_interval_h": args.assessment_weeks * week,
+        "durable_cr_h": args.durable_cr_weeks * week,
+        "chunk_size": args.chunk_size,
+        "dt_max": args.dt_max,
+        "float64": args.float64,
+    }
+    return _Plan(
+        spec=spec,
+        arms=arms,
+        grid=Grid((args.grid,) * 3, args.spacing_um),
+        out=out,
+        options=options,
+        figures=not args.no_figures,
+    )
 
 
 def _run(plan: _Plan) -> int:
@@ -177,8 +227,11 @@ def _run(plan: _Plan) -> int:
     paths = cohort.write_trial(result, summary, plan.out, cohort=plan.spec, figures=plan.figures)
     for arm in result.arms:
         orr = summary["per_arm"][arm]["orr"]
-        print(f"{arm}: ORR {100 * orr['rate']:.1f} % ({100 * orr['lower_95']:.1f}-{100 * orr['upper_95']:.1f}), "
-              f"{orr['count']}/{orr['n']}")
+        print(
+            f"{arm}: ORR {100 * orr['rate']:.1f} % "
+            f"({100 * orr['lower_95']:.1f}-{100 * orr['upper_95']:.1f}), "
+            f"{orr['count']}/{orr['n']}"
+        )
     if summary["logrank"]["test"] != "none":
         print(f"log-rank p = {summary['logrank']['p_value']:.3g}")
     print("model outputs of an uncalibrated virtual cohort; written to " + str(plan.out))
@@ -194,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         plan = _plan(args)
-    except SystemExit as stop:          # --help
+    except SystemExit as stop:  # --help
         return int(stop.code or 0)
     except (_UsageError, ConfigError) as error:
         if debug:
