@@ -67,6 +67,19 @@ class SplitStepper:
         self.order = order
         self.basis = Eigenbasis(model.grid, model.fast_boundary, model.spectrum) if model.num_fast else None
 
+    @property
+    def active_substeps(self) -> tuple[int, ...]:
+        """Sub-solvers the model has (0 reactions, 1 cell transport, 2 fast linear), static."""
+        model = type(self.model)
+        active = []
+        if model.react is not Model.react:
+            active.append(0)
+        if model.transport is not Model.transport:
+            active.append(1)
+        if self.model.num_fast:
+            active.append(2)
+        return tuple(active) or (0,)
+
     def linear(self, state: State, params: Any, dt: jax.Array) -> State:
         model = self.model
         count = model.num_fast
@@ -86,6 +99,13 @@ class SplitStepper:
             kinds, fractions = (0, 1, 2), (1.0, 1.0, 1.0)
         else:
             kinds, fractions = (0, 1, 2, 1, 0), (0.5, 0.5, 1.0, 0.5, 0.5)
+        active = self.active_substeps
+        if len(active) == 1:
+            # One operator: splitting is exact and halving its step only doubles the work.
+            kinds, fractions = active, (1.0,)
+        else:
+            kept = [(k, f) for k, f in zip(kinds, fractions) if k in active]
+            kinds, fractions = tuple(k for k, _ in kept), tuple(f for _, f in kept)
         substeps = (
             lambda current, h: model.react(current, params, h),
             lambda current, h: model.transport(current, params, h),
