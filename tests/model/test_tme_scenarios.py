@@ -203,7 +203,7 @@ def test_one_year_three_lesion_patient_stays_finite_and_non_negative():
     """A year of nivolumab + ipilimumab for hot, excluded and cold lesions sharing one blood pool.
 
     8³ voxels of 100 µm per lesion keep this within the CI budget; the 32³ run of
-    the issue is in the benchmark suite (benchmarks/tme_step.py --year).
+    the issue is `python -m benchmarks.year_run` (results in benchmarks/results/year-run.json).
     """
     from tmesolve.integrate import Integrator
 
