@@ -118,9 +118,8 @@ def test_well_mixed_limit_matches_solve_ivp(x64):
         rates = tme_reference.local_rates(u, p, blood, np.zeros(3))
         du = [rates[symbol_of[name]] - decay.get(symbol_of[name], 0.0) * u[symbol_of[name]] for name in names]
         antigen_flux = (rates["_killing"] + p["s_sh"] * u["a"] * u["C"]) * box_mm3
-        lesion_part = min(max((u["C"] + u["N"]) / (p["detect_frac"] * p["K_max"]), 0.0), 1.0)
-        extravasation = rates["_extravasation"] * box_mm3 * lesion_part + rates["_extravasation"] * box_mm3 * (
-            1 - lesion_part)
+        # volume_scale = 1: the lesion and host parts of the box both count once.
+        extravasation = rates["_extravasation"] * box_mm3
         return np.concatenate([np.ravel(du), _systemic_rhs(y[len(names):], p, n_transit, tmb_factor,
                                                              antigen_flux, extravasation)])
 

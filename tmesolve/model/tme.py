@@ -350,7 +350,7 @@ class TMEModel(Model):
         h = self.grid.spacing_um
         motility = p["D_T"] * self._motility(u, p)
         rates = {
-            "C": _diffusion(u["C"], p["D_C"], h),
+            "C": diffusion_rate(u["C"], p["D_C"], h),
             "T": ito_motility_rate(u["T"], motility, h) + _advect_no_flux(u["T"], chemotaxis, h),
             "E": ito_motility_rate(u["E"], motility, h),
         }
@@ -433,10 +433,6 @@ class TMEModel(Model):
         from tmesolve.readouts import tme_readouts
 
         return tme_readouts(self, state, params)
-
-
-def _diffusion(u, diffusivity, h):
-    return diffusion_rate(u, diffusivity, h)
 
 
 def _advect_no_flux(u, velocities, h):
