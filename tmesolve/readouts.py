@@ -62,7 +62,7 @@ SYSTEMIC = (
 )
 
 
-def _directions(ndim3: bool) -> np.ndarray:
+def _directions() -> np.ndarray:
     """13 unit directions (axes, face and body diagonals) for a Feret-type diameter."""
     vectors = set()
     for v in itertools.product((-1, 0, 1), repeat=3):
@@ -83,7 +83,7 @@ def longest_diameter_mm(mask: jax.Array, grid) -> jax.Array:
     x, y, z = (jnp.asarray(c, mask.dtype) for c in grid.coordinates)
     result = jnp.zeros(mask.shape[0], mask.dtype)
     present = mask > 0
-    for d in _directions(True):
+    for d in _directions():
         projection = d[0] * x + d[1] * y + d[2] * z
         projection = jnp.broadcast_to(projection, mask.shape)
         high = jnp.max(jnp.where(present, projection, -jnp.inf), axis=(1, 2, 3))

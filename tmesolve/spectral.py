@@ -176,7 +176,6 @@ def propagate(basis: Eigenbasis, u: jnp.ndarray, diffusivity: jnp.ndarray, decay
         fixed_value: value g on fixed-value walls per species (ignored where all
             walls are no-flux, where the lift is an exact shift anyway).
     """
-    leading = u.ndim - 3
     def expand(x):
         x = jnp.asarray(x, u.dtype)
         return x.reshape(x.shape + (1,) * (u.ndim - x.ndim))
@@ -195,7 +194,6 @@ def propagate(basis: Eigenbasis, u: jnp.ndarray, diffusivity: jnp.ndarray, decay
     if source is not None:
         coefficients = coefficients + _phi1(rate, dt) * basis.forward(jnp.broadcast_to(source, u.shape))
     result = basis.inverse(coefficients)
-    del leading
     return result if lift is None else result + lift
 
 

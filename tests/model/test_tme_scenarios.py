@@ -181,7 +181,6 @@ def test_memory_clears_a_reseeded_lesion_faster_than_in_a_naive_patient():
     naive = dataclasses.replace(experienced, M=experienced.M * 0.0, T_b=experienced.T_b * 0.1,
                                 transit=experienced.transit * 0.0)
     seed = setup_tme(grid, [LesionSpec("inflamed", radius_um=120.0)]).state.fields
-    from tmesolve.model.tme import SPECIES  # noqa: F401 - the species order lives in the model
     model = integrator.model
     fields = np.array(state.fields)
     for name in ("tumour_cells", "host_phase"):

@@ -158,14 +158,11 @@ class TMEModel(Model):
         self.margin_cells = max(1, int(round(0.5 * margin_width_um / grid.spacing_um)))
 
     # --- helpers -----------------------------------------------------------
-    def field(self, fields: jax.Array, symbol: str) -> jax.Array:
-        return fields[self.index(SPECIES[SYMBOLS[symbol]].name)]
-
     def _unstack(self, fields: jax.Array) -> dict[str, jax.Array]:
         return {s.symbol: fields[self.index(s.name)] for s in SPECIES}
 
     def _stack(self, values: dict[str, jax.Array]) -> jax.Array:
-        return jnp.stack([values[s.symbol] for s in self.species_symbols()])
+        return jnp.stack([values[symbol] for symbol in self.species_symbols()])
 
     def species_symbols(self):
         by_name = {s.name: s.symbol for s in SPECIES}
@@ -296,12 +293,11 @@ class TMEModel(Model):
         step takes the mean of the lesions' fluxes at both ends.
         """
         systemic0 = state.aux.systemic
-        order = self.species_symbols()
         pk = params.schedule.pk
 
         def terms(fields, systemic):
             production, loss, _ = self.local_terms(self._unstack(fields), params, systemic, state.time)
-            return jnp.stack([production[s] for s in order]), jnp.stack([loss[s] for s in order])
+            return self._stack(production), self._stack(loss)
 
         fields0 = state.fields
         production0, loss0 = terms(fields0, systemic0)
@@ -408,7 +404,7 @@ class TMEModel(Model):
                 if self.tissue_velocity:
                     rates[symbol] = rates[symbol] + _advect_open(u[symbol], interior, walls, h,
                                                                  host_inflow.get(symbol))
-            return jnp.stack([rates[s] for s in order])
+            return self._stack(rates)
 
         return replace(state, fields=ssp_rk2(rate, state.fields, dt))
 

@@ -19,7 +19,7 @@ from tmesolve.geometry import DEFAULT_TMB, PHENOTYPE_PRESETS, PHENOTYPES, build_
 from tmesolve.grid import Grid
 from tmesolve.integrate import initial_state
 from tmesolve.model.base import State
-from tmesolve.model.parameters import TABLE, make_params
+from tmesolve.model.parameters import make_params
 from tmesolve.model.systemic import initial_systemic
 from tmesolve.model.tme import SPECIES, TMEAux, TMEModel, TMEParams
 from tmesolve.therapy.regimens import build_schedule, event_times
@@ -178,11 +178,6 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
                     maps={"vessels": arrays["vessels"], "stroma": arrays["stroma"],
                           "antigenicity": arrays["antigenicity"]},
                     lesions=lesions, recist_uses="mask" if whole else "burden")
-
-
-def parameter_symbols() -> tuple[str, ...]:
-    """Symbols a user may set under ``tme.params``."""
-    return tuple(TABLE)
 
 
 # ---------------------------------------------------------------------------
