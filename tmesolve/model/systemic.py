@@ -57,6 +57,7 @@ import jax.numpy as jnp
 
 from tmesolve._pytree import pytree_dataclass
 from tmesolve.model.parameters import ModelParams
+from tmesolve.stepping import etd2_weights
 from tmesolve.therapy.pk import PKParams, pk_step
 from tmesolve.therapy.pk import occupancy as _occupancy
 from tmesolve.therapy.pk import plasma_concentration as _plasma_concentration
@@ -215,22 +216,14 @@ def _relax_linear(
     """Exact solution over dt of x' = s(τ) − rate·x with s linear from
     ``source_start`` to ``source_end`` (second-order exponential integrator, ETD2)::
 
-        x(dt) = x·e^{−z} + s₀·(φ₁ − φ₂) + s₁·φ₂,   z = rate·dt
-        φ₁ = dt·(1 − e^{−z})/z,   φ₂ = dt·(z − 1 + e^{−z})/z²
+        x(dt) = x·e^{−z} + dt·(w₀ s₀ + w₁ s₁),   z = rate·dt
 
-    Both weights φ₁ − φ₂ and φ₂ are ≥ 0, so the update is non-negative for
-    x, s₀, s₁ ≥ 0. Below z = 0.1 Taylor series (truncation < 1e-6 relative)
-    avoid the cancellation in φ₂; above it φ₂ = (dt − φ₁)/z, which stays finite
-    (→ 0) even for an infinite rate.
+    with the weights of :func:`tmesolve.stepping.etd2_weights` (both ≥ 0, so the
+    update is non-negative for x, s₀, s₁ ≥ 0; finite, → 0, for an infinite rate).
     """
     z = rate * dt
-    small = z < 0.1
-    safe_z = jnp.where(small, 1.0, z)
-    phi1 = jnp.where(small, dt * (1.0 - z / 2.0 + z * z / 6.0 - z**3 / 24.0 + z**4 / 120.0),
-                     dt * -jnp.expm1(-safe_z) / safe_z)
-    phi2 = jnp.where(small, dt * (0.5 - z / 6.0 + z * z / 24.0 - z**3 / 120.0),
-                     (dt - phi1) / safe_z)
-    return value * jnp.exp(-z) + source_start * (phi1 - phi2) + source_end * phi2
+    weight_start, weight_end = etd2_weights(z)
+    return value * jnp.exp(-z) + dt * (source_start * weight_start + source_end * weight_end)
 
 
 def initial_systemic(
