@@ -70,6 +70,7 @@ class Integrator:
         dtype = state.fields.dtype
         t_end = jnp.asarray(t_end, dtype)
         start_step = state.step
+        state = model.begin_interval(state, params)
 
         def keep_going(current: State) -> jax.Array:
             return (current.time < t_end) & (current.step - start_step < solver.max_steps)

@@ -99,6 +99,15 @@ class Model:
         """Largest stable explicit step (h) for the current state; inf if unlimited."""
         return jnp.asarray(jnp.inf, state.fields.dtype)
 
+    def begin_interval(self, state: State, params: Any) -> State:
+        """Called once at the start of each compiled output interval, before the first step.
+
+        A model that carries step-to-step bookkeeping in ``aux`` (e.g. the last
+        transport speed that :meth:`stable_dt` reads) refreshes it here from the
+        state itself, so a state edited on the host between intervals is safe.
+        """
+        return state
+
     def apply_events(self, state: State, params: Any, t0: jax.Array, t1: jax.Array) -> State:
         """Apply events (doses, infusions) whose time lies in [t0, t1)."""
         return state

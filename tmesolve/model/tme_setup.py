@@ -172,7 +172,8 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
     shedding = float(np.sum(float(model_params["s_sh"]) * arrays["antigenicity"] * C, axis=(1, 2, 3))
                      .dot(volume_scale) * grid.voxel_volume_mm3)
     systemic = initial_systemic(model_params, dtype=dtype, antigen_flux=shedding)
-    aux = TMEAux(systemic=systemic, events_applied_until=jnp.asarray(-jnp.inf, dtype))
+    aux = TMEAux(systemic=systemic, events_applied_until=jnp.asarray(-jnp.inf, dtype),
+                 transport_speed=jnp.zeros((), dtype))
     state = initial_state(model, stacked, aux=aux, dtype=dtype)
     return TMESetup(model=model, params=params, state=state, event_times_h=event_times(schedule),
                     maps={"vessels": arrays["vessels"], "stroma": arrays["stroma"],
