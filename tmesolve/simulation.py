@@ -861,6 +861,9 @@ class CheckedModel(Model):
     def stable_dt(self, state, params):
         return self.inner.stable_dt(state, params.model)
 
+    def begin_interval(self, state, params):
+        return self.inner.begin_interval(state, params.model)
+
     def apply_events(self, state, params, t0, t1):
         return self.inner.apply_events(state, params.model, t0, t1)
 

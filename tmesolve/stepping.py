@@ -53,7 +53,8 @@ def etd2_weights(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     w₀ + w₁ = (1 − e^{−z})/z = φ₁(z). Both are ≥ 0 for z ≥ 0 (each is the
     integral of e^{−k(h−τ)} against a non-negative hat), w₀ → 1/z² and w₁ → 1/z
     as z → ∞ (an infinitely fast relaxation lands on s₁/k), and w₀, w₁ → ½ as z → 0
-    (the trapezoid rule). Accurate to round-off in float32 and float64.
+    (the trapezoid rule). Relative error ≤ 1e-14 in float64 and ≤ 4e-6 in float32
+    (the closed forms just above the series cut).
     """
     small = z < _SERIES_BELOW
     safe = jnp.where(small, 1.0, z)
@@ -80,10 +81,15 @@ def exponential_trapezoid(u: jax.Array, production0: jax.Array, loss0: jax.Array
 
     The homogeneous part integrates Λ by the trapezoid rule; the source is taken
     linear in time and propagated with the end-point rate Λ₁ (:func:`etd2_weights`).
-    Both are second order when Λ is small, and as Λ₁Δt → ∞ the update tends to
-    P₁/Λ₁ − (P₁ − P₀)/(Λ₁²Δt), the slow manifold of a stiff species to O(Λ⁻²), where
-    the frozen mean ½(P₀+P₁)/½(Λ₀+Λ₁) would lag it by half a step. Every term is
-    non-negative, so u⁺ ≥ 0; a steady state (P = Λu at both ends) is kept exactly.
+    Both are second order when Λ is small. As Λ₁Δt → ∞ the update tends to
+    P₁/Λ₁ − (P₁ − P₀)/(Λ₁²Δt): for a stiff species with a slowly varying rate and a
+    production that does not depend on the species itself (oxygen, IL-2, the
+    antibodies, PD-L1 here) that is its slow manifold P/Λ − Ṗ/Λ², where the frozen
+    mean ½(P₀+P₁)/½(Λ₀+Λ₁) lags it by half a step. (For a stiff autocatalytic term,
+    P ∝ u, neither form is accurate at Λ·Δt ≫ 1; the old frozen mean happens to be
+    closer there: keep Λ·Δt ≲ 1 for such terms, as the explicit limits do.) Every
+    term is non-negative, so u⁺ ≥ 0; a steady state (P = Λu at both ends) is kept
+    to round-off.
     """
     w0, w1 = etd2_weights(loss1 * dt)
     return u * jnp.exp(-0.5 * (loss0 + loss1) * dt) + dt * (w0 * production0 + w1 * production1)

@@ -459,7 +459,9 @@ class TMEModel(Model):
         The face speed is the one the last transport stage measured (or the
         interval's start state): recomputing it here would cost a Poisson solve
         and the local terms once more per step. Speeds change little over one
-        step, and the solver's safety factor (default 0.9) covers that.
+        step. Under Strang splitting each transport sub-step runs dt/2 against a
+        limit set for dt, a margin of two; under Lie splitting only the solver's
+        safety factor (default 0.9) covers the lag.
         """
         p = params.model
         max_diffusivity = jnp.maximum(p["D_T"], p["D_C"])

@@ -175,6 +175,8 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
     aux = TMEAux(systemic=systemic, events_applied_until=jnp.asarray(-jnp.inf, dtype),
                  transport_speed=jnp.zeros((), dtype))
     state = initial_state(model, stacked, aux=aux, dtype=dtype)
+    # The face speed the first step's dt reads (each compiled interval measures it again).
+    state = model.begin_interval(state, params)
     return TMESetup(model=model, params=params, state=state, event_times_h=event_times(schedule),
                     maps={"vessels": arrays["vessels"], "stroma": arrays["stroma"],
                           "antigenicity": arrays["antigenicity"]},
