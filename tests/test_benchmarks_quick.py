@@ -76,3 +76,21 @@ def test_quick_tme_step(tmp_path):
         assert positive(case[key]), key
     assert case["finite"] and case["traces"] == 1
     assert positive(case["cost_analysis_chunk"]["bytes_accessed"])
+
+
+@pytest.mark.slow
+def test_cohort_batch_benchmark_smoke(tmp_path):
+    """The batched-cohort benchmark runs at a tiny size: batch and single runs agree, one compile."""
+    out = tmp_path / "cohort.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cohort_batch", "--patients", "2", "--lesions", "1",
+         "--shape", "8", "--spacing-um", "100", "--days", "15", "--singles", "1", "--out", str(out)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["batched"]["trace_counts"] == {"1": 1}
+    assert len(report["singles"]) == 1 and report["singles"][0]["trace_counts"] == {"1": 1}
+    # The single-patient run reproduced the batched patient (the benchmark checks it too).
+    assert report["singles"][0]["best_percent_change"][0] == pytest.approx(
+        report["batched"]["best_percent_change"][0], rel=1e-3, abs=1e-3)
+    assert positive(report["speedup"]) and positive(report["one_at_a_time_estimate_s"])
