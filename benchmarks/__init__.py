@@ -23,13 +23,23 @@ that both stencil sections compare against.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+def write_json(path: str | Path, result: dict) -> Path:
+    """Write a benchmark result as JSON (strict: NaN and infinity are refused), making its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    return path
 
 
 def block(value: Any) -> Any:

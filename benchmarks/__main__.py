@@ -13,7 +13,6 @@ minutes on a 2-core CPU VM; ``--full`` can take much longer there.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-    from benchmarks import bandwidth, dd3, rounded, tme_step
+    from benchmarks import bandwidth, dd3, rounded, tme_step, write_json
     from benchmarks.machine import hostname, load_average, machine_info
 
     mode = "quick" if arguments.quick else "full" if arguments.full else "default"
@@ -138,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         cache_directory.cleanup()
     suffix = "-quick" if arguments.quick else "-full" if arguments.full else ""
     out = arguments.out or RESULTS / f"{report['machine']['backend']}-{hostname()}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    write_json(out, report)
 
     machine = report["machine"]
     lines = [

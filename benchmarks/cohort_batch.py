@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 LEAD_IN_H = 14 * 24.0
 ARM = "nivolumab"
@@ -60,7 +60,10 @@ def _run(samples, shape: int, spacing_um: float, days: float) -> dict:
     outcomes = result.outcomes[ARM]
     return {"wall_s": wall_s, "trace_counts": {str(k): v for k, v in result.trace_counts.items()},
             "best_response": [outcome.best_response for outcome in outcomes],
-            "best_percent_change": [float(outcome.best_percent_change) for outcome in outcomes]}
+            # NaN (no measurable baseline) as null: the result file is strict JSON.
+            "best_percent_change": [float(outcome.best_percent_change)
+                                    if math.isfinite(outcome.best_percent_change) else None
+                                    for outcome in outcomes]}
 
 
 def _single(index: int, args) -> None:
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         _single(args.single, args)
         return {}
 
+    from benchmarks import write_json
     from benchmarks.machine import machine_info
 
     samples = _cohort(args.patients, args.lesions, args.shape, args.spacing_um)
@@ -103,8 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         singles.append({"index": index, "process_wall_s": process_s, **inner})
         print(f"patient {index} alone: {process_s:.1f} s in its own process", flush=True)
         alone, together = inner["best_percent_change"][0], batched["best_percent_change"][index]
-        if abs(alone - together) > 1e-3 * max(1.0, abs(together)):
-            raise SystemExit(f"patient {index}: best change {alone:.4f} % alone but {together:.4f} % in the batch")
+        if (alone is None) != (together is None) or (
+                alone is not None and abs(alone - together) > 1e-3 * max(1.0, abs(together))):
+            raise SystemExit(f"patient {index}: best change {alone} % alone but {together} % in the batch")
 
     mean_single_s = sum(s["process_wall_s"] for s in singles) / len(singles)
     one_at_a_time_s = mean_single_s * args.patients
@@ -119,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": one_at_a_time_s / batched["wall_s"],
         "note": "one-at-a-time = mean wall time of the single-patient processes x patients",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"one at a time (estimated from {len(singles)}): {one_at_a_time_s:.1f} s; batched "
           f"{batched['wall_s']:.1f} s; speedup {result['speedup']:.2f}x -> {args.out}")
     return result

@@ -43,7 +43,8 @@ def _memory_total_gib() -> float | None:
 
 
 def _git(*arguments: str) -> str | None:
-    """Output of a read-only git command in the repository, None if git is unavailable."""
+    """Output of a read-only git command in the repository, None if git is unavailable
+    (the commit itself comes from :func:`tmesolve.simulation.git_commit`, as in run files)."""
     try:
         completed = subprocess.run(
             ["git", *arguments],
@@ -80,6 +81,8 @@ def machine_info() -> dict:
         usable_cores = len(os.sched_getaffinity(0))
     except AttributeError:
         usable_cores = os.cpu_count()
+    from tmesolve.simulation import git_commit
+
     status = _git("status", "--porcelain", "--untracked-files=no")
     import jaxlib
 
@@ -101,7 +104,7 @@ def machine_info() -> dict:
             "jaxlib": jaxlib.__version__,
             "numpy": np.__version__,
         },
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": git_commit(),
         # Tracked files changed since that commit: the figures are of the working tree.
         "git_dirty": None if status is None else bool(status),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -11,9 +11,7 @@ steps, the wall time and the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import jax
 
+    from benchmarks import write_json
     from benchmarks.machine import machine_info
     from tmesolve.grid import Grid
     from tmesolve.integrate import Integrator, make_solver_params
@@ -58,8 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
               "lesions": 3, "days": args.days, "steps": steps, "wall_s": time.perf_counter() - start,
               "all_finite": all(c["finite"] for c in checks),
               "non_negative": all(c["min_over_max"] >= -1e-6 for c in checks), "checks": checks}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"finite {result['all_finite']}, non-negative {result['non_negative']}, {steps} steps in "
           f"{result['wall_s']:.0f} s -> {args.out}")
     return result
