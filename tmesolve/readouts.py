@@ -79,18 +79,19 @@ def longest_diameter_mm(mask: jax.Array, grid) -> jax.Array:
 
     Exact along axes and diagonals; for an ellipsoid the true longest chord is
     underestimated by at most ~8 % (the angle to the nearest direction is ≤ 27°).
+    The 13 projections are one broadcast (lesions, 13, nx, ny, nz) that XLA fuses
+    into two reductions, rather than 26 separate ones (which tripled the
+    readouts' compile time).
     """
     x, y, z = (jnp.asarray(c, mask.dtype) for c in grid.coordinates)
-    result = jnp.zeros(mask.shape[0], mask.dtype)
-    present = mask > 0
-    for d in _directions():
-        projection = d[0] * x + d[1] * y + d[2] * z
-        projection = jnp.broadcast_to(projection, mask.shape)
-        high = jnp.max(jnp.where(present, projection, -jnp.inf), axis=(1, 2, 3))
-        low = jnp.min(jnp.where(present, projection, jnp.inf), axis=(1, 2, 3))
-        extent = jnp.where(jnp.any(present, axis=(1, 2, 3)), high - low + grid.spacing_um, 0.0)
-        result = jnp.maximum(result, extent)
-    return result * 1e-3
+    directions = jnp.asarray(_directions(), mask.dtype)
+    along = lambda axis: directions[:, axis, None, None, None]  # noqa: E731
+    projection = along(0) * x + along(1) * y + along(2) * z          # (13, nx, ny, nz)
+    present = (mask > 0)[:, None]                                     # (lesions, 1, nx, ny, nz)
+    high = jnp.max(jnp.where(present, projection, -jnp.inf), axis=(2, 3, 4))
+    low = jnp.min(jnp.where(present, projection, jnp.inf), axis=(2, 3, 4))
+    extent = jnp.max(high - low, axis=1) + grid.spacing_um
+    return jnp.where(jnp.any(mask > 0, axis=(1, 2, 3)), extent, 0.0) * 1e-3
 
 
 def _pool(mask: jax.Array, radius: int, maximum: bool) -> jax.Array:
