@@ -706,6 +706,7 @@ def run_trial(
     weight_kg: float = 75.0,
     splitting_order: int = 2,
     integrators: dict | None = None,
+    merge_reactions: bool = False,
 ) -> TrialResult:
     """Run every patient under every arm (paired) and score each patient-arm by RECIST 1.1.
 
@@ -727,6 +728,8 @@ def run_trial(
         parameters: global parameter overrides (symbols of the parameter table) for every patient.
         weight_kg: body weight for mg/kg doses (kg).
         splitting_order: 1 (Lie) or 2 (Strang).
+        merge_reactions: merge the reaction halves of neighbouring Strang steps (one
+            reaction evaluation per step; ``solver.merge_reactions``).
         integrators: optional dict that keeps the compiled batched loops between calls
             (keyed by grid, lesion count and splitting order): pass the same dict to
             several trials (a dose or parameter sweep) and a group whose chunk shape was
@@ -840,11 +843,12 @@ def run_trial(
             first.model.margin_cells,
             first.model.tissue_velocity,
             splitting_order,
+            bool(merge_reactions),
         )
         cache = integrators if integrators is not None else {}
         integrator = cache.get(cache_key)
         if integrator is None:
-            integrator = cache[cache_key] = BatchIntegrator(first.model, splitting_order)
+            integrator = cache[cache_key] = BatchIntegrator(first.model, splitting_order, merge_reactions)
         traced_before = integrator.trace_count
         del first
         log.info(
@@ -929,6 +933,7 @@ def run_trial(
             "dt_max_h": float(dt_max),
             "safety": float(safety),
             "splitting_order": int(splitting_order),
+            "merge_reactions": bool(merge_reactions),
             "weight_kg": float(weight_kg),
             "record_interval_h": float(record_interval_h),
             "parameters": dict(parameters or {}),

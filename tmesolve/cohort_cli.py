@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dt-max", type=float, default=1.0, help="largest time step (h)")
     parser.add_argument("--float64", action="store_true", help="run in float64")
+    parser.add_argument(
+        "--merge-reactions",
+        action="store_true",
+        help="merge the reaction halves of neighbouring Strang steps (one reaction "
+        "evaluation per step: faster, a different second-order scheme)",
+    )
     parser.add_argument("--out", default="cohort_out", help="output directory (new or empty)")
     parser.add_argument(
         "--overwrite", action="store_true", help="write into an existing non-empty directory"
@@ -197,6 +203,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
         "chunk_size": args.chunk_size,
         "dt_max": args.dt_max,
         "float64": args.float64,
+        "merge_reactions": args.merge_reactions,
     }
     return _Plan(
         spec=spec,

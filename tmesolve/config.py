@@ -216,6 +216,7 @@ class SolverConf:
     dt_max_h: float = 0.5
     safety: float = 0.9
     splitting_order: int = 2
+    merge_reactions: bool = False
     dtype: str = "float32"
     max_steps: int = 10_000_000
 
@@ -411,11 +412,14 @@ class TherapyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    """Attributes: dt_max_h (h); safety; splitting_order (1 Lie, 2 Strang); dtype; max_steps."""
+    """Attributes: dt_max_h (h); safety; splitting_order (1 Lie, 2 Strang); merge_reactions
+    (merge the reaction halves of neighbouring Strang steps: one reaction evaluation per
+    step, a different second-order scheme); dtype; max_steps."""
 
     dt_max_h: float
     safety: float
     splitting_order: int
+    merge_reactions: bool
     dtype: str
     max_steps: int
 
@@ -668,9 +672,17 @@ def _solver(node: Any) -> SolverConfig:
         dt_max_h=check_positive("solver.dt_max_h", node.dt_max_h),
         safety=check_range("solver.safety", node.safety, 1e-6, 1.0),
         splitting_order=_splitting_order(node.splitting_order),
+        merge_reactions=_merge_reactions(node),
         dtype=_choice("solver.dtype", node.dtype, DTYPES),
         max_steps=_integer("solver.max_steps", node.max_steps, 1, 2**31 - 1),
     )
+
+
+def _merge_reactions(node: Any) -> bool:
+    merge = _boolean("solver.merge_reactions", getattr(node, "merge_reactions", False))
+    if merge and node.splitting_order != 2:
+        raise ConfigError("solver.merge_reactions", merge, "false unless solver.splitting_order is 2 (Strang)")
+    return merge
 
 
 def _splitting_order(value: Any) -> int:

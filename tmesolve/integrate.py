@@ -5,8 +5,11 @@ runs a ``lax.while_loop`` of split steps from ``state.time`` to ``t_end``.
 Each step's Δt is chosen on the device from the explicit stability limit
 (times a safety factor) and the user's cap, then shortened so that the
 remaining interval is cut into equal steps: ``t_end`` is hit exactly, with no
-host sync inside the interval. ``t_end`` and every number are traced, so one
-configuration compiles once, whatever the stop times and parameter values.
+host sync inside the interval. With ``merge_reactions`` the reaction halves
+of neighbouring Strang steps are merged (:meth:`SplitStepper.advance_pass`)
+and the interval closes with the last half, so each stop is a complete step.
+``t_end`` and every number are traced, so one configuration compiles once,
+whatever the stop times and parameter values.
 
 The host loop visits the union of output times and event times (doses), so
 events fall on step boundaries exactly.
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tmesolve._pytree import pytree_dataclass, replace
-from tmesolve.errors import check_positive, check_range
+from tmesolve.errors import ConfigError, check_positive, check_range
 from tmesolve.model.base import Model, State
 from tmesolve.stepping import SplitStepper
 
@@ -58,34 +61,53 @@ class SimulationError(RuntimeError):
 class Integrator:
     """Compiles and runs a model. ``trace_count`` counts compilations of the chunk."""
 
-    def __init__(self, model: Model, splitting_order: int = 2) -> None:
+    def __init__(self, model: Model, splitting_order: int = 2, merge_reactions: bool = False) -> None:
+        if merge_reactions and splitting_order != 2:
+            raise ConfigError("solver.merge_reactions", merge_reactions,
+                              "false unless solver.splitting_order is 2 (Strang)")
         self.model = model
         self.stepper = SplitStepper(model, splitting_order)
+        self.merge_reactions = bool(merge_reactions) and self.stepper.can_merge_reactions
         self.trace_count = 0
         self._advance = jax.jit(self._advance_impl, donate_argnums=(0,))
 
     def _advance_impl(self, state: State, params: Any, solver: SolverParams, t_end: jax.Array):
         self.trace_count += 1  # runs only while tracing
-        model, stepper = self.model, self.stepper
+        model, stepper, merged = self.model, self.stepper, self.merge_reactions
         dtype = state.fields.dtype
         t_end = jnp.asarray(t_end, dtype)
         start_step = state.step
         state = model.begin_interval(state, params)
 
-        def keep_going(current: State) -> jax.Array:
-            return (current.time < t_end) & (current.step - start_step < solver.max_steps)
-
-        def one_step(current: State) -> State:
+        def step_size(current: State) -> tuple[jax.Array, jax.Array]:
+            """Δt that cuts the rest of the interval into equal stable steps, and whether it is the last."""
             remaining = t_end - current.time
             limit = jnp.minimum(solver.dt_max, solver.safety * model.stable_dt(current, params))
             count = jnp.maximum(jnp.ceil(remaining / limit), 1.0)
-            dt = remaining / count
-            advanced = stepper.step(current, params, dt)
-            # The last step of the interval lands on t_end exactly (no drift of Σdt).
-            time = jnp.where(count <= 1.0, t_end, advanced.time)
-            return replace(advanced, time=time.astype(dtype))
+            return remaining / count, count <= 1.0
 
-        state = jax.lax.while_loop(keep_going, one_step, state)
+        def finished(current: State) -> jax.Array:
+            return (current.time >= t_end) | (current.step - start_step >= solver.max_steps)
+
+        # Carry (state, reaction time owed, done). With merged reactions, once t_end
+        # is reached (or the step budget is spent) one more pass of length zero (the
+        # identity on the fields) pays the owed R(Δt/2); without, the loop ends with
+        # the last step.
+        def keep_going(carry) -> jax.Array:
+            return ~carry[2]
+
+        def one_step(carry):
+            current, owed, _ = carry
+            closing = finished(current) if merged else jnp.asarray(False)
+            dt, last = step_size(current)
+            dt = jnp.where(closing, 0.0, dt).astype(dtype)
+            advanced, owed = stepper.advance_pass(current, params, dt, closing, merged, owed)
+            # The last step of the interval lands on t_end exactly (no drift of Σdt).
+            advanced = replace(advanced, time=jnp.where(last & ~closing, t_end, advanced.time).astype(dtype))
+            return advanced, owed, closing if merged else finished(advanced)
+
+        start = (state, jnp.zeros((), dtype), state.time >= t_end if merged else finished(state))
+        state = jax.lax.while_loop(keep_going, one_step, start)[0]
         diagnostics = {
             "finite": jnp.all(jnp.isfinite(state.fields)),
             "minimum": jnp.min(state.fields),
@@ -147,8 +169,8 @@ class BatchIntegrator(Integrator):
     round-off. One compile serves the whole batch.
     """
 
-    def __init__(self, model: Model, splitting_order: int = 2) -> None:
-        super().__init__(model, splitting_order)
+    def __init__(self, model: Model, splitting_order: int = 2, merge_reactions: bool = False) -> None:
+        super().__init__(model, splitting_order, merge_reactions)
         batched = jax.vmap(self._advance_impl, in_axes=(0, 0, None, None))
         self._advance = jax.jit(batched, donate_argnums=(0,))
 

@@ -124,6 +124,8 @@ class Simulation:
         finish: computes the final summary from the :class:`Records`; may return
             a "response" item (keyword arguments of ``RunWriter.write_response``).
         seed: the run's seed (provenance).
+        merge_reactions: merge the reaction halves of neighbouring Strang steps
+            (``solver.merge_reactions``).
     """
 
     name: str
@@ -140,6 +142,7 @@ class Simulation:
     systemic: list[tuple[str, str]]
     finish: Callable[[Records], dict] | None
     seed: int
+    merge_reactions: bool = False
 
     @property
     def dtype(self) -> str:
@@ -636,7 +639,7 @@ def run_simulation(
         raise ValueError("output_times_h: expected increasing times (h)")
     last_index = len(outputs) - 1
     started = time.perf_counter()
-    integrator = Integrator(model, sim.integrator_order)
+    integrator = Integrator(model, sim.integrator_order, sim.merge_reactions)
 
     if resume:
         writer = RunWriter.open_for_resume(path)
@@ -969,6 +972,7 @@ def _verification_simulation(
         name=config.experiment.kind,
         model=checked,
         integrator_order=config.solver.splitting_order,
+        merge_reactions=config.solver.merge_reactions,
         params=CheckedParams(model=model_params, reference=reference),
         solver=solver,
         state=state,

@@ -62,6 +62,11 @@ ROWS = [
     ("zero_snapshot_every", ["output.snapshot_every=0"], "output.snapshot_every"),
     ("half_precision", ["solver.dtype=float16"], "solver.dtype"),
     ("third_order_splitting", ["solver.splitting_order=3"], "solver.splitting_order"),
+    (
+        "merged_reactions_under_lie",
+        ["solver.splitting_order=1", "solver.merge_reactions=true"],
+        "solver.merge_reactions",
+    ),
     ("negative_seed", ["seed=-1"], "seed"),
     ("seven_lesions", ["patient.lesions=[{},{},{},{},{},{},{}]"], "patient.lesions"),
     ("unknown_phenotype", ["patient.lesions.0.phenotype=hot"], "patient.lesions[0].phenotype"),

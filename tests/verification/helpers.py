@@ -9,14 +9,14 @@ from tmesolve.integrate import Integrator, initial_state, make_solver_params
 
 
 def run_to(model, params, initial: np.ndarray, t_end: float, dt_max: float, dtype, splitting_order: int = 2,
-           safety: float = 0.9):
+           safety: float = 0.9, merge_reactions: bool = False):
     """Advance ``initial`` (lesions, nx, ny, nz) or (nx, ny, nz) to ``t_end``; returns (fields, diagnostics)."""
     initial = np.asarray(initial)
     if initial.ndim == 3:
         initial = initial[None, None]
     elif initial.ndim == 4:
         initial = initial[None]
-    integrator = Integrator(model, splitting_order)
+    integrator = Integrator(model, splitting_order, merge_reactions)
     state = initial_state(model, initial, dtype=dtype)
     solver = make_solver_params(dt_max, safety=safety, dtype=dtype)
     state, _, diagnostics = integrator.advance(state, params, solver, t_end)

@@ -277,7 +277,8 @@ def build_tme_simulation(config):
     maps = {name: (array, "1", name.replace("_", " ")) for name, array in setup.maps.items()}
     names = [lesion.name for lesion in config.patient.lesions]
     return Simulation(
-        name="tme", model=setup.model, integrator_order=config.solver.splitting_order, params=setup.params,
+        name="tme", model=setup.model, integrator_order=config.solver.splitting_order,
+        merge_reactions=config.solver.merge_reactions, params=setup.params,
         solver=solver, state=setup.state, output_times_h=outputs, event_times_h=events,
         fields=select_fields(setup.model, config.output.fields), maps=maps,
         timeseries=list(TIMESERIES), systemic=list(SYSTEMIC),

@@ -1,0 +1,41 @@
+"""The TME model's idle pass: a step of length zero is the identity on the fields and measures the speed."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tmesolve._pytree import replace
+from tmesolve.grid import Grid
+from tmesolve.integrate import Integrator, make_solver_params
+from tmesolve.model.tme_setup import LesionSpec, setup_tme
+
+
+def test_zero_step_keeps_every_field_bit_for_bit_and_records_the_transport_speed():
+    """With merged reactions each compiled interval closes with this pass (it pays
+    the owed reaction half, and every other sub-solver runs a zero step): it must
+    not move anything but what it pays, and transport still records the face speed
+    of the state it is given (here one edited on the host, with a stale speed)."""
+    grid = Grid((10, 10, 10), 20.0)
+    setup = setup_tme(grid, [LesionSpec("inflamed", radius_um=60.0), LesionSpec("excluded", radius_um=60.0)],
+                      therapy="pembrolizumab", duration_h=24.0)
+    model, params = setup.model, setup.params
+    integrator = Integrator(model)
+    state, _, _ = integrator.advance(setup.state, params, make_solver_params(0.1), 2.0)
+    # A host edit (e.g. an injected T-cell bolus) that makes the carried speed stale.
+    index = model.index("effector_t_cells")
+    edited_fields = state.fields.at[index, 0, 3:6, 3:6, 3:6].add(5e4)
+    edited = replace(state, fields=edited_fields, aux=replace(state.aux, transport_speed=jnp.zeros((), jnp.float32)))
+    idle_pass = jax.jit(lambda s, p: integrator.stepper.advance_pass(s, p, jnp.zeros((), jnp.float32),
+                                                                    jnp.asarray(True))[0])
+    after = idle_pass(edited, params)
+    np.testing.assert_array_equal(np.asarray(after.fields), np.asarray(edited_fields))
+    assert float(after.time) == float(edited.time) and int(after.step) == int(edited.step)
+    expected_speed = model._transport_rates(edited_fields, params, edited.aux.systemic, edited.time)[1]
+    np.testing.assert_allclose(float(after.aux.transport_speed), float(expected_speed), rtol=1e-6)
+    assert float(after.aux.transport_speed) > 0.0
+    # The systemic compartment is not moved either.
+    for before_leaf, after_leaf in zip(jax.tree_util.tree_leaves(edited.aux.systemic),
+                                       jax.tree_util.tree_leaves(after.aux.systemic)):
+        np.testing.assert_array_equal(np.asarray(after_leaf), np.asarray(before_leaf))
