@@ -26,6 +26,10 @@ Figures per case:
   ``substeps`` breakdown (sub-solvers compiled and timed alone, first case)
   gives per-step bytes and flops as 2·R + 2·C + L for the Strang step.
 * ``memory``: the compiled chunk's argument, output and temporary buffers.
+* ``merged_reactions`` (first case): per-step time of Strang with merged
+  reaction halves (``solver.merge_reactions``) and of plain Strang, each as the
+  slope between calls of n and 2n steps (what a call pays once, the readouts,
+  begin_interval and the merged closing pass, is the intercept), and their ratio.
 """
 
 from __future__ import annotations
@@ -126,6 +130,47 @@ def _substeps(setup, state, repeats: int) -> dict:
     return result
 
 
+def _per_step_slope(integrator, setup, solver, steps: int, repeats: int) -> dict:
+    """Per-step time as the slope between calls of ``steps`` and 2·``steps`` steps.
+
+    A call also pays once per interval: begin_interval, the readouts and, with
+    merged reactions, the closing pass. The slope leaves those out and the
+    intercept reports them.
+    """
+    state = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), setup.state)
+    solver_dt = float(solver.dt_max)
+
+    def call(count: int) -> float:
+        nonlocal state
+        t_end = float(state.time) + count * solver_dt
+        start = time.perf_counter()
+        state, _, diagnostics = integrator.advance(state, setup.params, solver, t_end)
+        jax.block_until_ready(state)
+        assert int(diagnostics["steps"]) == count
+        return time.perf_counter() - start
+
+    call(1)  # compile
+    short = min(call(steps) for _ in range(repeats))
+    long = min(call(2 * steps) for _ in range(repeats))
+    per_step = (long - short) / steps
+    return {"time_per_step_s": per_step, "per_call_overhead_s": short - steps * per_step}
+
+
+def _merged_against_plain(n: int, phenotypes, steps: int, repeats: int) -> dict:
+    """Strang with merged reaction halves (``solver.merge_reactions``) against plain Strang."""
+    grid = Grid((n, n, n), SPACING_UM)
+    specs = [LesionSpec(phenotype, radius_um=0.3 * n * SPACING_UM) for phenotype in phenotypes]
+    solver = make_solver_params(dt_max=DT_H)
+    figures = {}
+    for name, merge in (("plain", False), ("merged", True)):
+        setup = setup_tme(grid, specs, therapy="pembrolizumab", duration_h=SCHEDULE_DURATION_H)
+        figures[name] = _per_step_slope(Integrator(setup.model, 2, merge), setup, solver, steps, repeats)
+    figures["ratio_plain_to_merged"] = ratio(figures["plain"]["time_per_step_s"],
+                                             figures["merged"]["time_per_step_s"])
+    figures["steps_per_call"] = [steps, 2 * steps]
+    return figures
+
+
 def measure_case(
     n: int,
     lesions: int,
@@ -135,6 +180,7 @@ def measure_case(
     max_steps_per_call: int,
     persistent_cache: bool,
     substeps: bool,
+    merged: bool = False,
 ) -> dict:
     """All figures of one (N, lesions) case."""
     phenotypes = PHENOTYPES_BY_COUNT.get(lesions, ("inflamed",) * lesions)
@@ -224,6 +270,8 @@ def measure_case(
             else ratio(touched_GBps, bandwidth["roofline_GBps"]),
         }
     )
+    if merged:
+        result["merged_reactions"] = _merged_against_plain(n, phenotypes, best_steps, max(2, repeats))
     if substeps:
         result["substeps"] = _substeps(setup, state, max(2, repeats))  # setup.state was donated
         chunk_bytes = result["substeps"]["per_step_sum"]["bytes_accessed"]
@@ -253,6 +301,7 @@ def measure_tme(
                 max_steps_per_call,
                 persistent_cache=persistent_cache and index == 0,
                 substeps=substeps_for_first_case and index == 0,
+                merged=substeps_for_first_case and index == 0,
             )
         )
     return {
@@ -305,6 +354,15 @@ def table(result: dict) -> list[str]:
                 f"  sub-solvers alone, {case['lesions']}x{case['N']}^3: {parts}; sum "
                 f"{sub['per_step_sum']['time_s']:.4f} s/step; XLA bytes per field value per step "
                 f"{sub['per_step_bytes_per_field_value']:.0f} (touch once: 8)"
+            )
+    for case in result["cases"]:
+        if "merged_reactions" in case:
+            merged = case["merged_reactions"]
+            lines.append(
+                f"  merged reaction halves, {case['lesions']}x{case['N']}^3 (slope over "
+                f"{merged['steps_per_call'][0]} and {merged['steps_per_call'][1]} steps): "
+                f"{merged['merged']['time_per_step_s']:.4f} s/step against plain Strang "
+                f"{merged['plain']['time_per_step_s']:.4f} ({merged['ratio_plain_to_merged']:.2f}x)"
             )
     lines.append(
         "  (x stencil: step time / one plain 7-point pass over as many values; roofline: "
