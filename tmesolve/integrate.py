@@ -7,7 +7,9 @@ Each step's Δt is chosen on the device from the explicit stability limit
 remaining interval is cut into equal steps: ``t_end`` is hit exactly, with no
 host sync inside the interval. With ``merge_reactions`` the reaction halves
 of neighbouring Strang steps are merged (:meth:`SplitStepper.advance_pass`)
-and the interval closes with the last half, so each stop is a complete step.
+and the interval closes with the last half, so each stop is a complete step;
+that pass costs about one step per interval, and events must fall on stops
+(:meth:`Integrator.run`, the app and the cohort stop at every event time).
 ``t_end`` and every number are traced, so one configuration compiles once,
 whatever the stop times and parameter values.
 
@@ -87,7 +89,9 @@ class Integrator:
             return remaining / count, count <= 1.0
 
         def finished(current: State) -> jax.Array:
-            return (current.time >= t_end) | (current.step - start_step >= solver.max_steps)
+            # Written as "not before t_end" so that a NaN time (a run gone non-finite)
+            # ends the interval at once instead of stepping on to max_steps.
+            return ~(current.time < t_end) | (current.step - start_step >= solver.max_steps)
 
         # Carry (state, reaction time owed, done). With merged reactions, once t_end
         # is reached (or the step budget is spent) one more pass of length zero (the
@@ -106,7 +110,7 @@ class Integrator:
             advanced = replace(advanced, time=jnp.where(last & ~closing, t_end, advanced.time).astype(dtype))
             return advanced, owed, closing if merged else finished(advanced)
 
-        start = (state, jnp.zeros((), dtype), state.time >= t_end if merged else finished(state))
+        start = (state, jnp.zeros((), dtype), ~(state.time < t_end) if merged else finished(state))
         state = jax.lax.while_loop(keep_going, one_step, start)[0]
         diagnostics = {
             "finite": jnp.all(jnp.isfinite(state.fields)),

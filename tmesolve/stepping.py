@@ -225,13 +225,15 @@ class SplitStepper:
 
             C(Δt/2) ∘ L(Δt) ∘ C(Δt/2) ∘ R(owed + Δt/2),   after which R(Δt/2) is owed
 
-        An idle pass (Δt must be 0) applies no events (those at an interval's end
-        belong to the next one) and counts no step; every sub-solver runs a zero
+        An idle pass (the integrator passes Δt = 0 with it) applies no events
+        (those at an interval's end belong to the next one) and counts no step; every sub-solver runs a zero
         step, which is the identity on the fields exactly (the reaction's
         exponentials give u·1 + 0, SSP-RK2 adds 0·rate, :meth:`linear` keeps its
         fields) but lets transport record what it measures, and a merged pass
         pays what is owed. Under ``vmap`` patients go idle at different
         iterations, so the sequence is the same for all and only Δt differs.
+        When merging, events must fall on interval stops: an event inside an
+        interval would be applied before the previous step's owed reaction half.
         Returns the state and the reaction time now owed (h; 0 when not merging).
         """
         with_events = self.model.apply_events(state, params, state.time, state.time + dt)
@@ -253,7 +255,10 @@ class SplitStepper:
         return replace(state, time=state.time + dt, step=state.step + counted), owed
 
     def step(self, state: State, params: Any, dt: jax.Array) -> State:
-        """Advance by dt (h) by Lie or Strang splitting; events due at the step's start are applied first."""
+        """Advance by dt (h) by Lie or Strang splitting; events due at the step's start are applied first.
+
+        One plain step on its own (the integrator's loop uses :meth:`advance_pass`).
+        """
         state = self.model.apply_events(state, params, state.time, state.time + dt)
         kinds, durations = self._split_sequence(dt)
         state = self._run_sequence(state, kinds, durations, params)

@@ -220,3 +220,50 @@ def test_bad_input_names_the_argument_value_and_expectation(make, key, fragment)
     message = str(caught.value)
     assert message.startswith(key) and fragment in message and "\n" not in message
     assert "got" in message
+
+
+class _StepFromFields(FisherKPP):
+    """Fisher–KPP whose stable step depends on the fields (as the TME's transport speed does):
+    a NaN field makes dt, and so the time, NaN."""
+
+    def stable_dt(self, state, params):
+        return 0.1 / (1.0 + jnp.max(state.fields))
+
+
+@pytest.mark.parametrize("merge_reactions", [False, True])
+def test_a_nan_state_ends_the_interval_after_one_step(merge_reactions):
+    """A NaN time must stop the loop (the host then raises), not step on to max_steps."""
+    model = _StepFromFields(Grid((8, 1, 1), 1.0), path="explicit")
+    state = initial_state(model, np.full((1, 1, 8, 1, 1), np.nan))
+    integrator = Integrator(model, 2, merge_reactions)
+    solver = make_solver_params(0.05, max_steps=1000)
+    _, _, diagnostics = integrator.advance(state, fisher_kpp_params(1.0, 1.0), solver, 1.0)
+    assert int(diagnostics["steps"]) == 1
+    assert not bool(diagnostics["finite"])
+
+
+def test_merged_reactions_at_the_step_budget_and_over_a_zero_length_interval(x64):
+    """When max_steps cuts an interval short the closing pass still pays the owed half
+    (the state is a complete step, close to plain Strang's), and an interval of length
+    zero changes nothing."""
+    grid = Grid((64, 1, 1), 0.25)
+    x = grid.axis_coordinates(0)
+    u0 = ablowitz_zeppetella(x, 0.0, 1.0, 1.0, shift=8.0)[None, None, :, None, None]
+    model = FisherKPP(grid, path="spectral")
+    params = fisher_kpp_params(1.0, 1.0, dtype=jnp.float64)
+    solver = make_solver_params(0.05, max_steps=3, dtype=jnp.float64)
+    results = {}
+    for merge in (False, True):
+        state = initial_state(model, u0, dtype=jnp.float64)
+        state, _, diagnostics = Integrator(model, 2, merge).advance(state, params, solver, 10.0)
+        assert int(diagnostics["steps"]) == 3
+        assert float(state.time) == pytest.approx(0.15, rel=1e-12)
+        results[merge] = np.asarray(state.fields)
+    # Without the owed half the merged state would be R(dt/2) short: ~dt/2·r·u(1−u) ≈ 6e-3 off.
+    assert relative_l2(results[True], results[False]) < 1e-5
+    integrator = Integrator(model, 2, merge_reactions=True)
+    state = initial_state(model, u0, dtype=jnp.float64)
+    before = np.asarray(state.fields)
+    state, _, diagnostics = integrator.advance(state, params, solver, 0.0)
+    assert int(diagnostics["steps"]) == 0
+    np.testing.assert_array_equal(np.asarray(state.fields), before)
