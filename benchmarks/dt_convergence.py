@@ -1,0 +1,88 @@
+"""Step-size convergence of the full TME model: what the time step does to oxygen and necrosis.
+
+The default job's lesion (one inflamed lesion of radius 300 µm in a 24³ box
+of 50 µm voxels, pembrolizumab) is advanced 12 h with ``solver.dt_max_h`` =
+0.5, 0.1, 0.02 and 0.005 h (plain Strang, float32), and the oxygen and
+necrosis readouts are compared across steps. Oxygen's local rate (uptake,
+10²–10³ h⁻¹) is stiff at every practical Δt, so each reaction sub-step
+drives O towards its local equilibrium P/Λ, near 0 away from vessels, and
+the spectral sub-step refills it: an O(1) splitting error wherever diffusion
+feeds the tumour (√(D_O/Λ) ≈ 100–200 µm). The figures show how large it is.
+
+    python -m benchmarks.dt_convergence [--out benchmarks/results/dt-convergence.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks import write_json
+from benchmarks.machine import machine_info
+
+DT_MAX_H = (0.5, 0.1, 0.02, 0.005)
+DURATION_H = 12.0
+RECORD_H = 3.0
+HYPOXIC_MMHG = 2.5   # O_n, the half-point of the necrosis switch
+
+
+def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: float = 300.0) -> dict:
+    """One run of the default lesion for DURATION_H at ``dt_max_h``: oxygen and necrosis figures."""
+    from tmesolve.grid import Grid
+    from tmesolve.integrate import Integrator, make_solver_params
+    from tmesolve.model.tme_setup import LesionSpec, setup_tme
+
+    grid = Grid((shape,) * 3, spacing_um)
+    setup = setup_tme(grid, [LesionSpec("inflamed", radius_um=radius_um)], therapy="pembrolizumab",
+                      duration_h=24.0)
+    integrator = Integrator(setup.model, 2)
+    solver = make_solver_params(dt_max_h)
+    state, steps = setup.state, 0
+    start = time.perf_counter()
+    for stop in np.arange(RECORD_H, DURATION_H + 0.5 * RECORD_H, RECORD_H):
+        state, _, diagnostics = integrator.advance(state, setup.params, solver, float(stop))
+        steps += int(diagnostics["steps"])
+    wall_s = time.perf_counter() - start
+    fields = np.asarray(state.fields, dtype=np.float64)
+    model = setup.model
+    oxygen = fields[model.index("oxygen")]
+    tumour = fields[model.index("tumour_cells")] > 0.1 * float(setup.params.model["K_max"])
+    voxel_mm3 = grid.voxel_volume_mm3
+    return {
+        "dt_max_h": dt_max_h,
+        "steps": steps,
+        "wall_s": wall_s,
+        "oxygen_mean_mmHg": float(oxygen.mean()),
+        "oxygen_mean_in_tumour_mmHg": float(oxygen[tumour].mean()),
+        "hypoxic_voxels": int((oxygen < HYPOXIC_MMHG).sum()),
+        "necrotic_cells": float(fields[model.index("necrotic_debris")].sum() * voxel_mm3),
+        "viable_tumour_cells": float(fields[model.index("tumour_cells")].sum() * voxel_mm3),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/dt-convergence.json")
+    args = parser.parse_args(argv)
+    runs = [run(dt) for dt in DT_MAX_H]
+    finest = runs[-1]
+    for entry in runs:
+        entry["necrosis_ratio_to_finest"] = entry["necrotic_cells"] / max(finest["necrotic_cells"], 1e-30)
+        entry["tumour_oxygen_ratio_to_finest"] = (entry["oxygen_mean_in_tumour_mmHg"]
+                                                  / finest["oxygen_mean_in_tumour_mmHg"])
+    result = {"machine": machine_info(), "case": "default lesion: 24^3 x 50 um, inflamed, r = 300 um, "
+              f"pembrolizumab, {DURATION_H:g} h, plain Strang, float32", "runs": runs}
+    print(f"{'dt_max h':>9} {'steps':>6} {'O tumour':>9} {'hypoxic vox':>11} {'necrotic cells':>15} "
+          f"{'x finest':>9} {'viable cells':>13}")
+    for entry in runs:
+        print(f"{entry['dt_max_h']:9g} {entry['steps']:6d} {entry['oxygen_mean_in_tumour_mmHg']:9.2f} "
+              f"{entry['hypoxic_voxels']:11d} {entry['necrotic_cells']:15.4g} "
+              f"{entry['necrosis_ratio_to_finest']:9.1f} {entry['viable_tumour_cells']:13.6g}")
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
