@@ -63,6 +63,10 @@ class SimulationError(RuntimeError):
 class Integrator:
     """Compiles and runs a model. ``trace_count`` counts compilations of the chunk."""
 
+    #: One patient, no vmap: an idle pass may run a single sub-solver through a
+    #: real branch (under vmap its switch index would be batched and every branch run).
+    unbatched = True
+
     def __init__(self, model: Model, splitting_order: int = 2, merge_reactions: bool = False) -> None:
         if merge_reactions and splitting_order != 2:
             raise ConfigError("solver.merge_reactions", merge_reactions,
@@ -79,7 +83,15 @@ class Integrator:
         dtype = state.fields.dtype
         t_end = jnp.asarray(t_end, dtype)
         start_step = state.step
-        state = model.begin_interval(state, params)
+        # Idle passes that run one sub-solver: a loop-over-switch model, unbatched.
+        selective = self.unbatched and getattr(model, "trace_substeps_once", False)
+        open_position, close_position = stepper.idle_positions(merged)
+        # A model refreshed by a zero-length transport pass (the TME's face speed)
+        # opens the interval with one, instead of begin_interval: the same compiled
+        # transport code, so XLA has one copy fewer to compile.
+        opens_idle = selective and open_position >= 0 and getattr(model, "refreshed_by_zero_transport", False)
+        if not opens_idle:
+            state = model.begin_interval(state, params)
 
         def step_size(current: State) -> tuple[jax.Array, jax.Array]:
             """Δt that cuts the rest of the interval into equal stable steps, and whether it is the last."""
@@ -93,24 +105,31 @@ class Integrator:
             # ends the interval at once instead of stepping on to max_steps.
             return ~(current.time < t_end) | (current.step - start_step >= solver.max_steps)
 
-        # Carry (state, reaction time owed, done). With merged reactions, once t_end
-        # is reached (or the step budget is spent) one more pass of length zero (the
-        # identity on the fields) pays the owed R(Δt/2); without, the loop ends with
-        # the last step.
+        # Carry (state, reaction time owed, opening, done). Passes of length zero
+        # (idle: the identity on the fields, no events, no step counted) open the
+        # interval when opens_idle (running only the first transport, which
+        # records the face speed) and, with merged reactions, close it: once t_end
+        # is reached (or the step budget is spent) the closing pass pays the owed
+        # R(Δt/2). Without merging the loop ends with the last step.
         def keep_going(carry) -> jax.Array:
-            return ~carry[2]
+            return ~carry[3]
 
         def one_step(carry):
-            current, owed, _ = carry
-            closing = finished(current) if merged else jnp.asarray(False)
+            current, owed, opening, _ = carry
+            closing = ~opening & finished(current) if merged else jnp.asarray(False)
+            idle = opening | closing
             dt, last = step_size(current)
-            dt = jnp.where(closing, 0.0, dt).astype(dtype)
-            advanced, owed = stepper.advance_pass(current, params, dt, closing, merged, owed)
+            dt = jnp.where(idle, 0.0, dt).astype(dtype)
+            only = None
+            if selective:
+                only = jnp.where(opening, open_position, jnp.where(closing, close_position, -1))
+            advanced, owed = stepper.advance_pass(current, params, dt, idle, merged, owed, only)
             # The last step of the interval lands on t_end exactly (no drift of Σdt).
-            advanced = replace(advanced, time=jnp.where(last & ~closing, t_end, advanced.time).astype(dtype))
-            return advanced, owed, closing if merged else finished(advanced)
+            advanced = replace(advanced, time=jnp.where(last & ~idle, t_end, advanced.time).astype(dtype))
+            return advanced, owed, jnp.asarray(False), closing if merged else finished(advanced)
 
-        start = (state, jnp.zeros((), dtype), ~(state.time < t_end) if merged else finished(state))
+        done = ~(state.time < t_end) if merged else finished(state)
+        start = (state, jnp.zeros((), dtype), jnp.asarray(opens_idle) & ~done, done)
         state = jax.lax.while_loop(keep_going, one_step, start)[0]
         diagnostics = {
             "finite": jnp.all(jnp.isfinite(state.fields)),
@@ -175,6 +194,7 @@ class BatchIntegrator(Integrator):
 
     def __init__(self, model: Model, splitting_order: int = 2, merge_reactions: bool = False) -> None:
         super().__init__(model, splitting_order, merge_reactions)
+        self.unbatched = False
         batched = jax.vmap(self._advance_impl, in_axes=(0, 0, None, None))
         self._advance = jax.jit(batched, donate_argnums=(0,))
 

@@ -867,6 +867,14 @@ class CheckedModel(Model):
     def begin_interval(self, state, params):
         return self.inner.begin_interval(state, params.model)
 
+    @property
+    def refreshed_by_zero_transport(self):
+        return self.inner.refreshed_by_zero_transport
+
+    @property
+    def trace_substeps_once(self):
+        return self.inner.trace_substeps_once
+
     def apply_events(self, state, params, t0, t1):
         return self.inner.apply_events(state, params.model, t0, t1)
 

@@ -36,6 +36,8 @@ from tmesolve.model.base import Model, State
 from tmesolve.spectral import Eigenbasis, propagate
 
 SPLITTING_ORDERS = (1, 2)
+#: Switch branch of an empty sub-step (after reactions 0, transport 1, linear 2).
+IDENTITY = 3
 
 
 def _frozen_exponential(u: jax.Array, production: jax.Array, loss: jax.Array, dt: jax.Array) -> jax.Array:
@@ -181,9 +183,16 @@ class SplitStepper:
         )
 
     def _run_sequence(self, state: State, kinds: tuple[int, ...], durations: tuple[jax.Array, ...],
-                      params: Any) -> State:
-        """Apply the sub-solvers ``kinds`` for ``durations`` (h), in order."""
-        substeps = self._substeps(params)
+                      params: Any, only_position: jax.Array | None = None) -> State:
+        """Apply the sub-solvers ``kinds`` for ``durations`` (h), in order.
+
+        ``only_position`` (loop-over-switch models only; −1: all run): run only the
+        sub-solver at that position of the sequence, the others being the identity
+        (a fourth, empty branch). Unbatched it is a real branch, so an idle pass
+        costs one sub-solver; under ``vmap`` a batched index would run every
+        branch, so batches pass None.
+        """
+        substeps = self._substeps(params) + ((lambda current, h: current),)
         if getattr(self.model, "trace_substeps_once", False):
             # A large model traced once per sub-solver instead of once per use:
             # the sequence runs as a loop over a switch, which roughly halves the
@@ -192,7 +201,10 @@ class SplitStepper:
             duration_array = jnp.stack([jnp.asarray(d, state.time.dtype) for d in durations])
 
             def substep(index, current):
-                return jax.lax.switch(kind_array[index], substeps, current, duration_array[index])
+                kind = kind_array[index]
+                if only_position is not None:
+                    kind = jnp.where((only_position >= 0) & (index != only_position), IDENTITY, kind)
+                return jax.lax.switch(kind, substeps, current, duration_array[index])
 
             return jax.lax.fori_loop(0, len(kinds), substep, state)
         for kind, duration in zip(kinds, durations):
@@ -214,9 +226,20 @@ class SplitStepper:
             kinds, fractions = tuple(k for k, _ in kept), tuple(f for _, f in kept)
         return kinds, tuple(dt * fraction for fraction in fractions)
 
+    def idle_positions(self, merge_reactions: bool) -> tuple[int, int]:
+        """Positions in the step's sequence of the one sub-solver an opening idle pass
+        runs (the first transport) and the one a merged closing pass runs (the reaction)."""
+        kinds = self._sequence_kinds(merge_reactions)
+        return (kinds.index(1) if 1 in kinds else -1), 0
+
+    def _sequence_kinds(self, merge_reactions: bool) -> tuple[int, ...]:
+        if merge_reactions and self.can_merge_reactions:
+            return (0,) + tuple(k for k in (1, 2, 1) if k in self.active_substeps)
+        return self._split_sequence(0.0)[0]
+
     def advance_pass(self, state: State, params: Any, dt: jax.Array, idle: jax.Array,
-                     merge_reactions: bool = False, owed_reaction_dt: jax.Array | None = None
-                     ) -> tuple[State, jax.Array]:
+                     merge_reactions: bool = False, owed_reaction_dt: jax.Array | None = None,
+                     only_position: jax.Array | None = None) -> tuple[State, jax.Array]:
         """One step of length dt, or with ``idle`` set a pass of length zero.
 
         Plain: the Lie or Strang step of :meth:`step`. With ``merge_reactions``
@@ -230,8 +253,10 @@ class SplitStepper:
         step, which is the identity on the fields exactly (the reaction's
         exponentials give u·1 + 0, SSP-RK2 adds 0·rate, :meth:`linear` keeps its
         fields) but lets transport record what it measures, and a merged pass
-        pays what is owed. Under ``vmap`` patients go idle at different
-        iterations, so the sequence is the same for all and only Δt differs.
+        pays what is owed. ``only_position`` (unbatched loops only) makes an
+        idle pass run just one sub-solver (:meth:`_run_sequence`). Under ``vmap``
+        patients go idle at different iterations, so the sequence is the same for
+        all and only Δt differs.
         When merging, events must fall on interval stops: an event inside an
         interval would be applied before the previous step's owed reaction half.
         Returns the state and the reaction time now owed (h; 0 when not merging).
@@ -242,15 +267,14 @@ class SplitStepper:
             lambda kept, new: kept if new is kept else jnp.where(idle, kept, new), state, with_events)
         if merge_reactions and self.can_merge_reactions:
             owed = jnp.zeros_like(dt) if owed_reaction_dt is None else owed_reaction_dt
-            active = self.active_substeps
-            kinds = (0,) + tuple(k for k in (1, 2, 1) if k in active)
+            kinds = self._sequence_kinds(True)
             by_kind = {0: owed + 0.5 * dt, 1: 0.5 * dt, 2: dt}
             durations = tuple(by_kind[k] for k in kinds)
             owed = jnp.where(idle, 0.0, 0.5 * dt).astype(dt.dtype)
         else:
             kinds, durations = self._split_sequence(dt)
             owed = jnp.zeros_like(dt)
-        state = self._run_sequence(state, kinds, durations, params)
+        state = self._run_sequence(state, kinds, durations, params, only_position)
         counted = jnp.where(idle, 0, 1).astype(state.step.dtype)
         return replace(state, time=state.time + dt, step=state.step + counted), owed
 

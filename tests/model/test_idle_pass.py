@@ -64,3 +64,33 @@ def test_merged_reactions_run_the_tme_model_close_to_plain_strang():
     # (python -m benchmarks.dt_convergence); the two differ there by ~30 %.
     others = [i for i, name in enumerate(setup.model.names) if name != "necrotic_debris"]
     assert np.max(difference[others]) < 1e-2, dict(zip(setup.model.names, difference))
+
+
+def test_each_interval_measures_the_speed_of_its_start_state_single_and_batched():
+    """setup_tme leaves transport_speed at 0; a single run opens each interval with a
+    zero-length transport pass and a batch calls begin_interval: both must take the
+    steps the measured speed allows, the same as from a state whose speed was measured."""
+    from tmesolve.integrate import BatchIntegrator, stack_pytrees
+
+    grid = Grid((8, 8, 8), 20.0)
+    setup = setup_tme(grid, [LesionSpec("inflamed", radius_um=50.0)], therapy="pembrolizumab", duration_h=24.0)
+    assert float(setup.state.aux.transport_speed) == 0.0
+    solver = make_solver_params(0.5)   # above the transport limit: the speed sets dt
+    measured = setup.model.begin_interval(setup.state, setup.params)
+    results = {}
+    for name, start in (("stale", setup.state), ("measured", measured)):
+        state = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), start)
+        state, _, diagnostics = Integrator(setup.model).advance(state, setup.params, solver, 2.0)
+        results[name] = (np.asarray(state.fields), int(diagnostics["steps"]))
+    batch = BatchIntegrator(setup.model)
+    state, _, diagnostics = batch.advance(stack_pytrees([setup.state]), stack_pytrees([setup.params]), solver, 2.0)
+    results["batched"] = (np.asarray(state.fields[0]), int(diagnostics["steps"][0]))
+    reference_fields, reference_steps = results["measured"]
+    # Without the measurement the first step would take the diffusion limit alone.
+    unmeasured_limit = float(setup.model.stable_dt(setup.state, setup.params))
+    assert reference_steps > 2.0 / (0.9 * unmeasured_limit)
+    for name in ("stale", "batched"):
+        fields, steps = results[name]
+        assert steps == reference_steps, name
+        scale = np.max(np.abs(reference_fields), axis=(1, 2, 3, 4), keepdims=True) + 1e-30
+        assert np.max(np.abs(fields - reference_fields) / scale) < 1e-5, name

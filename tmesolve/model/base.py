@@ -54,6 +54,11 @@ class Model:
     #: Trace each sub-solver once (a loop over a switch) rather than once per use
     #: in the splitting sequence: for large models, halves compile time.
     trace_substeps_once: bool = False
+    #: A transport pass of length zero (the identity on the fields) refreshes what
+    #: :meth:`begin_interval` refreshes (e.g. a recorded transport speed): an
+    #: unbatched integrator then opens each interval with one instead, and XLA
+    #: compiles no separate copy of the code begin_interval needs.
+    refreshed_by_zero_transport: bool = False
 
     def _declare(self, species: tuple[Species, ...]) -> None:
         self.species = ordered_species(species)

@@ -149,6 +149,8 @@ class TMEModel(Model):
     """MODEL.md on a grid of ``lesions`` lesion boxes sharing one systemic compartment."""
 
     trace_substeps_once = True
+    # Transport records its stages' face speed, also over a step of length zero.
+    refreshed_by_zero_transport = True
 
     def __init__(self, grid: Grid, lesions: int = 1, margin_width_um: float = 100.0,
                  tissue_velocity: bool = True) -> None:

@@ -174,9 +174,10 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
     systemic = initial_systemic(model_params, dtype=dtype, antigen_flux=shedding)
     aux = TMEAux(systemic=systemic, events_applied_until=jnp.asarray(-jnp.inf, dtype),
                  transport_speed=jnp.zeros((), dtype))
+    # transport_speed stays 0 here: every compiled interval measures it before its
+    # first dt (an opening transport pass of length zero, or begin_interval in a
+    # batch). Measuring it here, outside jit, cost ~11 s of op-by-op dispatch.
     state = initial_state(model, stacked, aux=aux, dtype=dtype)
-    # The face speed the first step's dt reads (each compiled interval measures it again).
-    state = model.begin_interval(state, params)
     return TMESetup(model=model, params=params, state=state, event_times_h=event_times(schedule),
                     maps={"vessels": arrays["vessels"], "stroma": arrays["stroma"],
                           "antigenicity": arrays["antigenicity"]},
