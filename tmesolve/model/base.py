@@ -105,7 +105,9 @@ class Model:
         return jnp.asarray(jnp.inf, state.fields.dtype)
 
     def begin_interval(self, state: State, params: Any) -> State:
-        """Called once at the start of each compiled output interval, before the first step.
+        """Called once at the start of each compiled output interval, before the first step
+        (a single run of a model with :attr:`refreshed_by_zero_transport` opens with a
+        zero-length transport pass instead).
 
         A model that carries step-to-step bookkeeping in ``aux`` (e.g. the last
         transport speed that :meth:`stable_dt` reads) refreshes it here from the
