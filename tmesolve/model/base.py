@@ -104,6 +104,11 @@ class Model:
         """Largest stable explicit step (h) for the current state; inf if unlimited."""
         return jnp.asarray(jnp.inf, state.fields.dtype)
 
+    def for_batches(self) -> Model:
+        """The model a vmapped integrator compiles: the same equations, possibly another
+        program that runs faster under ``vmap`` (default: this model)."""
+        return self
+
     def begin_interval(self, state: State, params: Any) -> State:
         """Called once at the start of each compiled output interval, before the first step
         (a single run of a model with :attr:`refreshed_by_zero_transport` opens with a

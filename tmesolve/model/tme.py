@@ -36,6 +36,8 @@ tissue density), ng·mL⁻¹, µg·mL⁻¹, mmHg.
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,6 +151,11 @@ class TMEModel(Model):
     """MODEL.md on a grid of ``lesions`` lesion boxes sharing one systemic compartment."""
 
     trace_substeps_once = True
+    #: Unroll the two stages of the reaction and transport loops (two copies of
+    #: their code for XLA). A single run keeps them rolled: half the compile time,
+    #: the same step time. Under vmap the rolled loops stepped ~10 % slower here
+    #: (3 lesions × 32³ × 4 patients), so batches use :meth:`for_batches`.
+    unroll_stages = False
     # Transport records its stages' face speed, also over a step of length zero.
     refreshed_by_zero_transport = True
 
@@ -355,7 +362,7 @@ class TMEModel(Model):
         no_inputs = SystemicInputs(antigen_flux=jnp.zeros((), fields0.dtype),
                                    extravasation=jnp.zeros((), fields0.dtype))
         start = (fields0, systemic0, jnp.zeros_like(fields0), jnp.zeros_like(fields0), no_inputs)
-        fields, systemic = jax.lax.fori_loop(0, 2, stage, start)[:2]
+        fields, systemic = jax.lax.fori_loop(0, 2, stage, start, unroll=self.unroll_stages)[:2]
         fields = self._extinction(fields, params)
         return replace(state, fields=fields, aux=replace(state.aux, systemic=systemic))
 
@@ -492,9 +499,15 @@ class TMEModel(Model):
             return kept * fields + (1.0 - kept) * (current + dt * rate), jnp.maximum(speed, stage_speed)
 
         start = (fields, jnp.zeros((), fields.dtype))
-        fields, speed = jax.lax.fori_loop(0, 2, stage, start)
+        fields, speed = jax.lax.fori_loop(0, 2, stage, start, unroll=self.unroll_stages)
         aux = replace(state.aux, transport_speed=speed)
         return replace(state, fields=fields, aux=aux)
+
+    def for_batches(self) -> TMEModel:
+        """This model with unrolled stages (:attr:`unroll_stages`) for a vmapped integrator."""
+        batched = copy.copy(self)
+        batched.unroll_stages = True
+        return batched
 
     def begin_interval(self, state: State, params: TMEParams) -> State:
         """Measure the transport speed of the state the interval starts from."""
