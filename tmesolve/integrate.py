@@ -192,9 +192,10 @@ class BatchIntegrator(Integrator):
     round-off. One compile serves the whole batch.
     """
 
+    unbatched = False
+
     def __init__(self, model: Model, splitting_order: int = 2, merge_reactions: bool = False) -> None:
         super().__init__(model.for_batches(), splitting_order, merge_reactions)
-        self.unbatched = False
         batched = jax.vmap(self._advance_impl, in_axes=(0, 0, None, None))
         self._advance = jax.jit(batched, donate_argnums=(0,))
 

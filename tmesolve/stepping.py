@@ -163,8 +163,8 @@ class SplitStepper:
         fast = propagate(self.basis, current, diffusivity, decay, dt,
                          source=model.linear_sources(state, params),
                          fixed_value=model.linear_fixed_values(params))
-        # A zero step is the identity exactly (a transform round trip is not):
-        # the closing step of a merged Strang interval runs L with dt = 0.
+        # A zero step is the identity exactly (a transform round trip is not): idle
+        # passes that run every sub-solver (batches, unrolled models) run L with dt = 0.
         fast = jnp.where(dt > 0, fast, current)
         return replace(state, fields=state.fields.at[:count].set(fast))
 
@@ -242,15 +242,15 @@ class SplitStepper:
                      only_position: jax.Array | None = None) -> tuple[State, jax.Array]:
         """One step of length dt, or with ``idle`` set a pass of length zero.
 
-        Plain: the Lie or Strang step of :meth:`step`. With ``merge_reactions``
+        Plain: one Lie or Strang step (:meth:`_split_sequence`). With ``merge_reactions``
         (Strang only) the step's opening reaction also pays the previous step's
         closing half, and its own closing half is left owed:
 
             C(Δt/2) ∘ L(Δt) ∘ C(Δt/2) ∘ R(owed + Δt/2),   after which R(Δt/2) is owed
 
         An idle pass (the integrator passes Δt = 0 with it) applies no events
-        (those at an interval's end belong to the next one) and counts no step; every sub-solver runs a zero
-        step, which is the identity on the fields exactly (the reaction's
+        (those at an interval's end belong to the next one) and counts no step;
+        every sub-solver runs a zero step, which is the identity on the fields exactly (the reaction's
         exponentials give u·1 + 0, SSP-RK2 adds 0·rate, :meth:`linear` keeps its
         fields) but lets transport record what it measures, and a merged pass
         pays what is owed. ``only_position`` (unbatched loops only) makes an
@@ -277,13 +277,3 @@ class SplitStepper:
         state = self._run_sequence(state, kinds, durations, params, only_position)
         counted = jnp.where(idle, 0, 1).astype(state.step.dtype)
         return replace(state, time=state.time + dt, step=state.step + counted), owed
-
-    def step(self, state: State, params: Any, dt: jax.Array) -> State:
-        """Advance by dt (h) by Lie or Strang splitting; events due at the step's start are applied first.
-
-        One plain step on its own (the integrator's loop uses :meth:`advance_pass`).
-        """
-        state = self.model.apply_events(state, params, state.time, state.time + dt)
-        kinds, durations = self._split_sequence(dt)
-        state = self._run_sequence(state, kinds, durations, params)
-        return replace(state, time=state.time + dt, step=state.step + 1)

@@ -153,8 +153,9 @@ class TMEModel(Model):
     trace_substeps_once = True
     #: Unroll the two stages of the reaction and transport loops (two copies of
     #: their code for XLA). A single run keeps them rolled: half the compile time,
-    #: the same step time. Under vmap the rolled loops stepped ~10 % slower here
-    #: (3 lesions × 32³ × 4 patients), so batches use :meth:`for_batches`.
+    #: no step-time change measured. Under vmap the rolled loops stepped slower in
+    #: an A/B (3 lesions × 32³ × 4 patients, near this VM's noise), so batches use
+    #: :meth:`for_batches`.
     unroll_stages = False
     # Transport records its stages' face speed, also over a step of length zero.
     refreshed_by_zero_transport = True
@@ -175,6 +176,7 @@ class TMEModel(Model):
         self._declare(SPECIES)
         self.pressure_basis = Eigenbasis(grid, FaceBoundary.all_fixed(0.0), "second_order")
         self.margin_cells = max(1, int(round(0.5 * margin_width_um / grid.spacing_um)))
+        self.moving_block = self._moving_block()
 
     # --- helpers -----------------------------------------------------------
     def _unstack(self, fields: jax.Array) -> dict[str, jax.Array]:
@@ -449,7 +451,7 @@ class TMEModel(Model):
         p = params.model
         h = self.grid.spacing_um
         u = self._unstack(fields)
-        first, stop = self._moving_block()
+        first, stop = self.moving_block
         moving = fields[first:stop]
         symbols = self.species_symbols()[first:stop]
         chemotaxis = self._chemotactic_velocities(u, p)
