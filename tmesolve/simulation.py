@@ -872,6 +872,10 @@ class CheckedModel(Model):
         return self.inner.refreshed_by_zero_transport
 
     @property
+    def stiff_fast(self):
+        return self.inner.stiff_fast
+
+    @property
     def trace_substeps_once(self):
         return self.inner.trace_substeps_once
 

@@ -2,7 +2,10 @@
 
 A step composes three sub-solvers, each second-order accurate on its own:
 R (local reactions, :func:`positive_exponential_heun`), C (explicit cell transport,
-SSP-RK2) and L (exact spectral propagator of the fast linear species).
+SSP-RK2) and L (exact spectral propagator of the fast linear species). A fast
+species whose local terms are too stiff to split from its diffusion (a model's
+``stiff_fast``, oxygen in the TME) is left out of L: the model's R advances it
+with its diffusion (:mod:`tmesolve.implicit`).
 
 * order 1 (Lie):    L(Δt) ∘ C(Δt) ∘ R(Δt)
 * order 2 (Strang): R(Δt/2) ∘ C(Δt/2) ∘ L(Δt) ∘ C(Δt/2) ∘ R(Δt/2)
@@ -96,7 +99,7 @@ def exponential_trapezoid(u: jax.Array, production0: jax.Array, loss0: jax.Array
     linear in time and propagated with the end-point rate Λ₁ (:func:`etd2_weights`).
     Both are second order when Λ is small. As Λ₁Δt → ∞ the update tends to
     P₁/Λ₁ − (P₁ − P₀)/(Λ₁²Δt): for a stiff species with a slowly varying rate and a
-    production that does not depend on the species itself (oxygen, IL-2, the
+    production that does not depend on the species itself (IL-2, the
     antibodies, PD-L1 here) that is its slow manifold P/Λ − Ṗ/Λ², where the frozen
     mean ½(P₀+P₁)/½(Λ₀+Λ₁) lags it by half a step. (For a stiff autocatalytic term,
     P ∝ u, neither form is accurate at Λ·Δt ≫ 1; the old frozen mean happens to be
@@ -120,7 +123,7 @@ def positive_exponential_heun(production_and_loss: Callable[[jax.Array], tuple[j
         u⁺ = u e^{−Λ̄Δt} + Δt (w₀ P(u) + w₁ P(u¹)),   Λ̄ = ½(Λ(u) + Λ(u¹))
 
     Both stages are sums of non-negative terms, so u⁺ ≥ 0 for any Δt; steady
-    states (P = Λu) are kept exactly, and a stiff species (oxygen uptake,
+    states (P = Λu) are kept exactly, and a stiff species (a loss of
     10² h⁻¹) relaxes onto its slow manifold without the 2× overshoot that
     Patankar-type schemes (MPRK22) show when a species starts far below it.
     """
@@ -128,6 +131,37 @@ def positive_exponential_heun(production_and_loss: Callable[[jax.Array], tuple[j
     stage = _frozen_exponential(u, production0, loss0, dt)
     production1, loss1 = production_and_loss(stage)
     return exponential_trapezoid(u, production0, loss0, production1, loss1, dt)
+
+
+def _stiff_split(model: Model) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Positions among the fast species of those the model's react advances with their
+    diffusion (:attr:`Model.stiff_fast`) and of those the linear sub-step propagates."""
+    fast_names = [s.name for s in model.species[:model.num_fast]]
+    stiff_names = tuple(getattr(model, "stiff_fast", ()))
+    for name in stiff_names:
+        if name not in fast_names:
+            raise ValueError(f"stiff_fast: got {name!r}; expected one of the fast linear species {fast_names}")
+    if stiff_names and model.fast_boundary.any_dirichlet:
+        raise ValueError(f"stiff_fast: got {stiff_names!r} with fixed-value walls; "
+                         "expected no-flux walls (tmesolve.implicit has no Dirichlet lift)")
+    stiff = tuple(i for i, name in enumerate(fast_names) if name in stiff_names)
+    return stiff, tuple(i for i in range(len(fast_names)) if i not in stiff)
+
+
+def _take(values: Any, indices: tuple[int, ...]) -> jax.Array:
+    """values[indices] along the first axis: a slice when the indices are a run."""
+    values = jnp.asarray(values)
+    if values.ndim == 0:
+        return values
+    if indices == tuple(range(indices[0], indices[0] + len(indices))):
+        return values[indices[0]:indices[0] + len(indices)]
+    return values[jnp.asarray(indices)]
+
+
+def _put(values: jax.Array, indices: tuple[int, ...], update: jax.Array) -> jax.Array:
+    if indices == tuple(range(indices[0], indices[0] + len(indices))):
+        return values.at[indices[0]:indices[0] + len(indices)].set(update)
+    return values.at[jnp.asarray(indices)].set(update)
 
 
 class SplitStepper:
@@ -139,6 +173,7 @@ class SplitStepper:
         self.model = model
         self.order = order
         self.basis = Eigenbasis(model.grid, model.fast_boundary, model.spectrum) if model.num_fast else None
+        self.stiff_indices, self.plain_indices = _stiff_split(model)
 
     @property
     def active_substeps(self) -> tuple[int, ...]:
@@ -149,24 +184,27 @@ class SplitStepper:
             active.append(0)
         if model.transport is not Model.transport:
             active.append(1)
-        if self.model.num_fast:
+        if self.plain_indices:
             active.append(2)
         return tuple(active) or (0,)
 
     def linear(self, state: State, params: Any, dt: jax.Array) -> State:
+        """The spectral propagator over dt of the fast species, but the stiff ones (the model's react moves those)."""
         model = self.model
-        count = model.num_fast
-        if count == 0:
+        plain = self.plain_indices
+        if not plain:
             return state
         diffusivity, decay = model.linear_coefficients(params)
-        current = state.fields[:count]
-        fast = propagate(self.basis, current, diffusivity, decay, dt,
-                         source=model.linear_sources(state, params),
-                         fixed_value=model.linear_fixed_values(params))
+        current = state.fields[:model.num_fast]
+        source, fixed_value = model.linear_sources(state, params), model.linear_fixed_values(params)
+        kept = _take(current, plain)
+        propagated = propagate(self.basis, kept, _take(diffusivity, plain), _take(decay, plain), dt,
+                               source=None if source is None else _take(source, plain),
+                               fixed_value=None if fixed_value is None else _take(fixed_value, plain))
         # A zero step is the identity exactly (a transform round trip is not): idle
         # passes that run every sub-solver (batches, unrolled models) run L with dt = 0.
-        fast = jnp.where(dt > 0, fast, current)
-        return replace(state, fields=state.fields.at[:count].set(fast))
+        propagated = jnp.where(dt > 0, propagated, kept)
+        return replace(state, fields=_put(state.fields, plain, propagated))
 
     @property
     def can_merge_reactions(self) -> bool:

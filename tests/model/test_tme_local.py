@@ -60,17 +60,18 @@ def test_well_mixed_limit_matches_solve_ivp(x64):
     """Uniform fields, no-flux walls, tissue velocity off: the PDE is the ODE of its local terms.
 
     At dt = 0.0025 h the error after 30 days is ≤ 1e-6 relative in every field
-    and T_b (solve_ivp: Radau, rtol 1e-11), and halving dt divides it by more
-    than 3 (second order, reached once oxygen's uptake rate times dt falls
-    below about one; ``python tests/model/well_mixed.py`` prints the series
-    from dt = 0.04 h down, quoted in docs/model.md).
+    and T_b (solve_ivp: Radau, rtol 1e-11), and the scheme converges at second
+    order: over 10 days, halving dt from 0.00125 h divides the error by more than
+    2.8 (``python tests/model/well_mixed.py`` prints the series from dt = 0.04 h
+    down, quoted in docs/model.md).
     """
-    _, errors = well_mixed_errors((0.005, 0.0025))
-    error_coarse, error_fine = errors[0.005], errors[0.0025]
-    # Converging at close to second order. Oxygen is stiff (uptake ~10² h⁻¹): while
-    # its rate times dt is above one, its predictor lags its slow manifold by O(dt)
-    # and everything fed by it (necrosis, killing, antigen, T_b) converges at order
-    # one; below it the order is two. A first-order scheme would give a ratio of 2.
+    _, errors = well_mixed_errors((0.0025,))
+    assert np.max(errors[0.0025]) <= 1e-6, np.max(errors[0.0025])
+    # Oxygen is stiff (uptake ~10²–10³ h⁻¹) and solved by ROS2, L-stable and second
+    # order, whose error per step is largest while oxygen's rate times dt is near one:
+    # the ratio per halving rises 2.0, 2.1, 2.2, 2.4, 2.7, 3.1 from dt = 0.04 h to
+    # 0.000625 h, towards 4. A first-order scheme stays at or below 2.
+    _, errors = well_mixed_errors((0.00125, 0.000625), t_end_h=10 * 24.0)
+    error_coarse, error_fine = errors[0.00125], errors[0.000625]
     resolved = error_coarse > 1e-8  # below that the solve_ivp reference's own error shows
-    assert np.all(error_coarse[resolved] / error_fine[resolved] > 3.0), error_coarse / error_fine
-    assert np.max(error_fine) <= 1e-6, np.max(error_fine)
+    assert np.all(error_coarse[resolved] / error_fine[resolved] > 2.8), error_coarse / error_fine

@@ -40,8 +40,8 @@ def _systemic_rhs(y, p, n_transit, tmb_factor, antigen_flux, extravasation):
     return np.concatenate([[antigen_flux - p["delta_Ag"] * antigen], d_chain, [d_blood, d_memory]])
 
 
-def well_mixed_errors(dts) -> tuple[list[str], dict[float, np.ndarray]]:
-    """Relative error after 30 days of every field and T_b, per dt (needs jax_enable_x64).
+def well_mixed_errors(dts, t_end_h: float = T_END_H) -> tuple[list[str], dict[float, np.ndarray]]:
+    """Relative error after ``t_end_h`` (default 30 days) of every field and T_b, per dt (needs jax_enable_x64).
 
     Returns (names, {dt: errors}); errors are |run − solve_ivp| / max(|solve_ivp|, floor),
     with floors of 1e-9 K_max for the cell phases and 1e-9 for the rest.
@@ -64,7 +64,7 @@ def well_mixed_errors(dts) -> tuple[list[str], dict[float, np.ndarray]]:
     runs = {}
     for dt in dts:
         start = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), state)
-        final, _, _ = integrator.advance(start, params, make_solver_params(dt, dtype=jnp.float64), T_END_H)
+        final, _, _ = integrator.advance(start, params, make_solver_params(dt, dtype=jnp.float64), t_end_h)
         runs[dt] = final
 
     p = {k: float(np.ravel(np.asarray(v))[0]) for k, v in params.model.values.items()}
@@ -89,7 +89,7 @@ def well_mixed_errors(dts) -> tuple[list[str], dict[float, np.ndarray]]:
 
     y0 = np.concatenate([centre[:, 0], [float(systemic.antigen_ln)], np.asarray(systemic.transit),
                          [float(systemic.T_b), float(systemic.M)]])
-    solution = solve_ivp(rhs, (0.0, T_END_H), y0, method="Radau", rtol=1e-11, atol=1e-12)
+    solution = solve_ivp(rhs, (0.0, t_end_h), y0, method="Radau", rtol=1e-11, atol=1e-12)
     if not solution.success:
         raise RuntimeError(f"solve_ivp failed: {solution.message}")
     expected = np.concatenate([solution.y[:len(names), -1], [solution.y[len(names) + 1 + n_transit, -1]]])

@@ -59,6 +59,11 @@ class Model:
     #: unbatched integrator then opens each interval with one instead, and XLA
     #: compiles no separate copy of the code begin_interval needs.
     refreshed_by_zero_transport: bool = False
+    #: Fast species (names) whose local terms are too stiff to split from their
+    #: diffusion: :meth:`react` advances them together with their diffusion
+    #: (:mod:`tmesolve.implicit`) and the linear sub-step leaves them alone.
+    #: Their walls are no-flux.
+    stiff_fast: tuple[str, ...] = ()
 
     def _declare(self, species: tuple[Species, ...]) -> None:
         self.species = ordered_species(species)

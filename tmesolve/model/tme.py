@@ -26,9 +26,11 @@ pd_l1          P                      1                    none
 The step splits into (see :mod:`tmesolve.stepping`): local reactions of every
 field, the linear decays of the cytokines and drugs included, plus the
 systemic compartment (positive exponential Heun; the systemic ODEs by ETD2),
+with oxygen and its diffusion solved together in the same stages (ROS2,
+:mod:`tmesolve.implicit`: its uptake is too stiff to split from diffusion);
 explicit cell transport (tissue velocity from the volume balance, Itô
-motility, chemotaxis up ∇X; SSP-RK2, conservative), and the exact spectral
-propagator of the diffusion of the seven fast species.
+motility, chemotaxis up ∇X; SSP-RK2, conservative); and the exact spectral
+propagator of the diffusion of the six other fast species.
 
 Units: µm, h, cells·mm⁻³ (1 mm³ = 1 µL, so T_b in cells·µL⁻¹ is directly a
 tissue density), ng·mL⁻¹, µg·mL⁻¹, mmHg.
@@ -44,6 +46,7 @@ import numpy as np
 
 from tmesolve._pytree import pytree_dataclass, replace
 from tmesolve.grid import Grid
+from tmesolve.implicit import ROS2_GAMMA, SOLVE_TOLERANCE, solve_screened_poisson
 from tmesolve.model.base import Model, State
 from tmesolve.model.parameters import ModelParams
 from tmesolve.model.species import Species, Transport
@@ -105,6 +108,8 @@ CELL_TRANSPORTED = PHASES + CARRIED_MAPS
 #: λ_O is part of its loss in :meth:`TMEModel.local_terms` already.
 LINEAR_DECAYS = {"G": "lambda_G", "X": "lambda_X", "L": "lambda_L", "B": "lambda_B",
                  "A1": "lambda_A", "A2": "lambda_A"}
+#: Fast species whose local terms are solved with their diffusion (TMEModel.stiff_fast).
+STIFF_FAST = ("O",)
 PHENOTYPE_CODES = {"inflamed": 0, "excluded": 1, "desert": 2}
 
 
@@ -159,6 +164,8 @@ class TMEModel(Model):
     unroll_stages = False
     # Transport records its stages' face speed, also over a step of length zero.
     refreshed_by_zero_transport = True
+    # Oxygen's uptake (10²–10⁴ h⁻¹) is solved with its diffusion in react (tmesolve.implicit).
+    stiff_fast = tuple(s.name for s in SPECIES if s.symbol in STIFF_FAST)
 
     def __init__(self, grid: Grid, lesions: int = 1, margin_width_um: float = 100.0,
                  tissue_velocity: bool = True) -> None:
@@ -175,6 +182,8 @@ class TMEModel(Model):
         self.spectrum = "second_order"
         self._declare(SPECIES)
         self.pressure_basis = Eigenbasis(grid, FaceBoundary.all_fixed(0.0), "second_order")
+        # Oxygen's stage solves: no-flux walls and the 7-point Laplacian's spectrum.
+        self.oxygen_basis = Eigenbasis(grid, FaceBoundary(), "second_order")
         self.margin_cells = max(1, int(round(0.5 * margin_width_um / grid.spacing_um)))
         self.moving_block = self._moving_block()
 
@@ -193,13 +202,14 @@ class TMEModel(Model):
     def linear_coefficients(self, params: TMEParams):
         """D and λ of O, G, X, L, B, A1, A2 for the spectral propagator: λ = 0 for all.
 
-        The linear decays are applied in the local update instead
+        Oxygen is listed for the fast block's layout only: it is in
+        :attr:`stiff_fast`, so :meth:`react` diffuses it (D_O) and the propagator
+        leaves it alone. The linear decays are applied in the local update instead
         (:meth:`reaction_terms`). A decay rate that is the same everywhere
         commutes with diffusion under no-flux walls, so taking it out of the
         propagator costs no splitting error; inside the local update it meets the
         production it balances in one exponential step. Split from its producer,
-        TGF-β's decay cost 4.7e-5 relative in the well-mixed check at Δt = 0.04 h,
-        and oxygen's 6 h⁻¹ decay split from its stiff uptake cost 5 % of O.
+        TGF-β's decay cost 4.7e-5 relative in the well-mixed check at Δt = 0.04 h.
         """
         p = params.model
         diffusivity = jnp.stack([p["D_O"], p["D_G"], p["D_X"], p["D_L"], p["D_B"], p["D_A"], p["D_A"]])
@@ -301,7 +311,31 @@ class TMEModel(Model):
         loss = dict(loss)
         for symbol, decay in LINEAR_DECAYS.items():
             loss[symbol] = loss[symbol] + p[decay]
+        production = dict(production)
+        for symbol in STIFF_FAST:
+            # Advanced with its diffusion by react's Rosenbrock stages (oxygen_rate).
+            production[symbol] = loss[symbol] = jnp.zeros_like(u[symbol])
         return self._stack(production), self._stack(loss), self._systemic_inputs(u, extras, params)
+
+    def oxygen_rate(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array]:
+        """Oxygen's rate and its local derivative at ``fields`` (MODEL.md, oxygen):
+
+            ∂O/∂t = D_O Δ_h O + f(O),   f(O) = k_V V (O_b − O) − λ_O O − (u_C C + u_T (T + E)) O/(O + K_Ou)
+            ∂f/∂O = −k_V V − λ_O − (u_C C + u_T (T + E)) K_Ou/(O + K_Ou)²
+
+        in mmHg/h and 1/h: the same terms as :meth:`local_terms` (production
+        k_V V O_b, per-capita loss k_V V + λ_O + uptake/(O + K_Ou)) plus diffusion.
+        """
+        p = params.model
+        u = self._unstack(fields)
+        oxygen = jnp.maximum(u["O"], 0.0)
+        supply = p["k_V"] * u["V"]
+        capacity = p["u_C"] * u["C"] + p["u_T"] * (u["T"] + u["E"])
+        saturation = oxygen + p["K_Ou"]
+        local = supply * (p["O_b"] - oxygen) - p["lambda_O"] * oxygen - capacity * oxygen / saturation
+        derivative = -(supply + p["lambda_O"] + capacity * p["K_Ou"] / saturation**2)
+        diffusion = _per_lesion(p["D_O"]) * diffusion_rate(u["O"], 1.0, self.grid.spacing_um)
+        return diffusion + local, derivative
 
     def _systemic_inputs(self, u, extras, params) -> SystemicInputs:
         """Antigen flux to the lymph node and extravasation from blood, summed over lesions (cells/h)."""
@@ -320,30 +354,52 @@ class TMEModel(Model):
                               extravasation=jnp.sum(lesion_entry * scale + host_entry))
 
     def react(self, state: State, params: TMEParams, dt: jax.Array) -> State:
-        """Local terms and the systemic compartment over dt, coupled at second order.
+        """Local terms, oxygen with its diffusion, and the systemic compartment over dt,
+        coupled at second order.
 
         The positive exponential Heun scheme (:func:`positive_exponential_heun`)
         with the systemic state moved along: the predictor uses the systemic
         state at t, the corrector the predicted one at t + dt, and the systemic
-        step takes the mean of the lesions' fluxes at both ends. The two stages
-        are one loop body (the local terms at the stage's state, then the
-        predictor or the corrector), so XLA compiles the local terms once; the
+        step takes the mean of the lesions' fluxes at both ends. Oxygen, whose
+        uptake is too stiff to split from its diffusion, takes the two stages of
+        ROS2 (:mod:`tmesolve.implicit`) on the same stage states, with the cells'
+        change over the step as its time dependence (F_t ≈ (F(Oⁿ; cells¹) −
+        F(Oⁿ; cellsⁿ))/Δt, cells¹ the predicted cells) and J frozen at the start:
+
+            (I − γΔt J) k₁ = F(Oⁿ; cellsⁿ) + γΔt F_t,            O¹ = max(Oⁿ + Δt k₁, 0)
+            (I − γΔt J) k₂ = F(O¹; cells¹) − 2k₁ − γΔt F_t,      Oⁿ⁺¹ = max(Oⁿ + Δt(3/2 k₁ + 1/2 k₂), 0)
+
+        ROS2 is second order for any J and F_t (a W-method), so the pair is a
+        second-order coupled scheme; it is L-stable, so oxygen lands on its
+        quasi-steady diffusion profile at any Δt, and with F_t it follows that
+        profile as the cells move instead of lagging it by 0.7Δt. The two stages
+        are one loop body (the local terms at the stage's state, the predictor or
+        the corrector, then one oxygen solve), so XLA compiles them once; the
         loop carry materialises the predictor, which XLA would otherwise
         recompute inside every use.
         """
         systemic0 = state.aux.systemic
         pk = params.schedule.pk
         fields0 = state.fields
+        oxygen_index = self.index("oxygen")
+        oxygen0 = fields0[oxygen_index]
+        gamma_dt = ROS2_GAMMA * dt
+        diffusion_coefficient = gamma_dt * _per_lesion(params.model["D_O"])
+        tolerance = SOLVE_TOLERANCE[jnp.dtype(fields0.dtype)]
 
-        def predictor(stage_terms, _):
-            production, loss, inputs = stage_terms
-            return (_frozen_exponential(fields0, production, loss, dt),
-                    systemic_step(systemic0, inputs, params.model, pk, state.time, dt),
-                    production, loss, inputs)
+        def predictor(stage_terms, carry):
+            production, loss, inputs, oxygen_rate0, derivative0 = stage_terms
+            # Oxygen has no local terms here (reaction_terms), so it stays at Oⁿ.
+            fields = _frozen_exponential(fields0, production, loss, dt)
+            rate_moved_cells, _ = self.oxygen_rate(fields, params)
+            time_term = ROS2_GAMMA * (rate_moved_cells - oxygen_rate0)       # γΔt·F_t
+            shift = 1.0 + gamma_dt * jnp.maximum(-derivative0, 0.0)
+            return (fields, systemic_step(systemic0, inputs, params.model, pk, state.time, dt),
+                    production, loss, inputs, carry[5], shift, time_term, oxygen_rate0 + time_term)
 
         def corrector(stage_terms, carry):
-            production1, loss1, inputs1 = stage_terms
-            _, systemic1, production0, loss0, inputs0 = carry
+            production1, loss1, inputs1, oxygen_rate1, _ = stage_terms
+            _, systemic1, production0, loss0, inputs0, oxygen_step1, shift, time_term, _ = carry
             fields = exponential_trapezoid(fields0, production0, loss0, production1, loss1, dt)
             # Extravasation is proportional to T_b; the systemic step applies it as a
             # loss rate J/(V_blood·T_b(t)), so average the clearance J/T_b (µL/h), not J,
@@ -353,17 +409,28 @@ class TMEModel(Model):
             mean_inputs = SystemicInputs(antigen_flux=0.5 * (inputs0.antigen_flux + inputs1.antigen_flux),
                                          extravasation=0.5 * (clearance0 + clearance1) * systemic0.T_b)
             systemic = systemic_step(systemic0, mean_inputs, params.model, pk, state.time, dt)
-            return fields, systemic, production0, loss0, inputs0
+            return (fields, systemic, production0, loss0, inputs0, oxygen_step1, shift, time_term,
+                    oxygen_rate1 - 2.0 * oxygen_step1 - time_term)
 
         def stage(index, carry):
             stage_fields, stage_systemic = carry[0], carry[1]
             stage_time = state.time + index.astype(dt.dtype) * dt
             terms = self.reaction_terms(stage_fields, params, stage_systemic, stage_time)
-            return jax.lax.cond(index == 0, predictor, corrector, terms, carry)
+            first = index == 0
+            carry = jax.lax.cond(first, predictor, corrector, terms + self.oxygen_rate(stage_fields, params), carry)
+            fields, shift, right_hand_side = carry[0], carry[6], carry[8]
+            oxygen_step, _ = solve_screened_poisson(self.oxygen_basis, shift, diffusion_coefficient,
+                                                    right_hand_side, tolerance)
+            oxygen_step1 = jnp.where(first, oxygen_step, carry[5])
+            increment = jnp.where(first, oxygen_step, 1.5 * oxygen_step1 + 0.5 * oxygen_step)
+            oxygen = jnp.where(dt > 0, jnp.maximum(oxygen0 + dt * increment, 0.0), oxygen0)
+            return (fields.at[oxygen_index].set(oxygen),) + carry[1:5] + (oxygen_step1,) + carry[6:]
 
         no_inputs = SystemicInputs(antigen_flux=jnp.zeros((), fields0.dtype),
                                    extravasation=jnp.zeros((), fields0.dtype))
-        start = (fields0, systemic0, jnp.zeros_like(fields0), jnp.zeros_like(fields0), no_inputs)
+        oxygen_zeros = jnp.zeros_like(oxygen0)
+        start = (fields0, systemic0, jnp.zeros_like(fields0), jnp.zeros_like(fields0), no_inputs,
+                 oxygen_zeros, jnp.ones_like(oxygen0), oxygen_zeros, oxygen_zeros)
         fields, systemic = jax.lax.fori_loop(0, 2, stage, start, unroll=self.unroll_stages)[:2]
         fields = self._extinction(fields, params)
         return replace(state, fields=fields, aux=replace(state.aux, systemic=systemic))
