@@ -59,11 +59,7 @@ def test_merged_reactions_run_the_tme_model_close_to_plain_strang():
     assert not np.array_equal(plain, merged)
     scale = np.max(np.abs(plain), axis=(1, 2, 3, 4), keepdims=True) + 1e-30
     difference = np.max(np.abs(merged - plain) / scale, axis=(1, 2, 3, 4))
-    # Necrotic debris is left out: it is made where the split oxygen falls to ~0 in a
-    # reaction sub-step, an O(1) splitting error at this dt that either scheme has
-    # (python -m benchmarks.dt_convergence); the two differ there by ~30 %.
-    others = [i for i, name in enumerate(setup.model.names) if name != "necrotic_debris"]
-    assert np.max(difference[others]) < 1e-2, dict(zip(setup.model.names, difference))
+    assert np.max(difference) < 1e-2, dict(zip(setup.model.names, difference))
 
 
 def test_each_interval_measures_the_speed_of_its_start_state_single_and_batched():
