@@ -5,8 +5,10 @@
 One lesion per patient (0.3 × box radius, a 2 cm represented lesion), a
 2-week untreated lead-in, then 12 weeks; all six patients batched in one
 compile. Prints, per patient: the day-14 immunophenotype with core/margin
-CD8 (cells/mm², section equivalent) and the burden at week 12 of therapy
-relative to the start of therapy; then treated/untreated per preset.
+CD8 (cells/mm², section equivalent), the burden at week 12 of therapy
+relative to the start of therapy with its burden-diameter change (RECIST
+reads −30 % as a PR) and the imaged longest diameter at both times; then
+treated/untreated per preset.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     for i, (ph, th) in enumerate(cases):
         print(f"{ph:9s} {th:14s} day-14 class {PHENOTYPES[int(day14['immunophenotype'][i][0])]:9s} "
               f"core/margin CD8 {day14['cd8_core_section'][i][0]:5.0f}/{day14['cd8_margin_section'][i][0]:5.0f}"
-              f" cells/mm^2; burden week 12 / start of therapy {ratio[i]:.3f}")
+              f" cells/mm^2; burden week 12 / start of therapy {ratio[i]:.3f}"
+              f" (burden diameter {100 * (np.cbrt(ratio[i]) - 1):+.0f} %; imaged longest diameter"
+              f" {day14['longest_diameter_mm'][i][0]:.1f} -> {day98['longest_diameter_mm'][i][0]:.1f} mm)")
     for j, ph in enumerate(PHENOTYPES):
         print(f"{ph}: treated/untreated {ratio[2 * j + 1] / ratio[2 * j]:.3f}")
 

@@ -4,7 +4,7 @@ Uniform fields, no-flux walls, tissue velocity off: the PDE is the ODE of its
 local terms plus the systemic compartment, integrated by Radau (rtol 1e-11).
 Run it to print the convergence series quoted in docs/model.md:
 
-    python tests/model/well_mixed.py 0.04 0.02 0.01 0.005 0.0025
+    python tests/model/well_mixed.py 0.04 0.02 0.01 0.005 0.0025 0.00125 0.000625
 """
 
 from __future__ import annotations
