@@ -39,6 +39,7 @@ tissue density), ng·mL⁻¹, µg·mL⁻¹, mmHg.
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,22 @@ class TMEAux:
     #: Σ over axes of the largest face speed of the cells (chemotaxis plus tissue
     #: velocity, µm/h) at the last transport stage; read by ``stable_dt``.
     transport_speed: jax.Array
+
+
+class _ReactionCarry(NamedTuple):
+    """What the two stages of :meth:`TMEModel.react` pass on: the stage state, the
+    predictor's terms for the corrector, and oxygen's ROS2 pieces (k₁, the shift
+    a = 1 + γΔt·max(−∂f/∂O, 0), γΔt·F_t and the right-hand side of the stage solve)."""
+
+    fields: jax.Array
+    systemic: SystemicState
+    production0: jax.Array
+    loss0: jax.Array
+    inputs0: SystemicInputs
+    oxygen_step1: jax.Array
+    oxygen_shift: jax.Array
+    oxygen_time_term: jax.Array
+    oxygen_right_hand_side: jax.Array
 
 
 def _per_lesion(value: jax.Array) -> jax.Array:
@@ -388,54 +405,58 @@ class TMEModel(Model):
         tolerance = SOLVE_TOLERANCE[jnp.dtype(fields0.dtype)]
         enough = stage_residual_enough(oxygen0, dt, tolerance)
 
-        def predictor(stage_terms, carry):
+        def predictor(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production, loss, inputs, oxygen_rate0, derivative0 = stage_terms
             # Oxygen has no local terms here (reaction_terms), so it stays at Oⁿ.
             fields = _frozen_exponential(fields0, production, loss, dt)
             rate_moved_cells, _ = self.oxygen_rate(fields, params)
             time_term = ROS2_GAMMA * (rate_moved_cells - oxygen_rate0)       # γΔt·F_t
-            shift = 1.0 + gamma_dt * jnp.maximum(-derivative0, 0.0)
-            return (fields, systemic_step(systemic0, inputs, params.model, pk, state.time, dt),
-                    production, loss, inputs, carry[5], shift, time_term, oxygen_rate0 + time_term)
+            return _ReactionCarry(
+                fields=fields, systemic=systemic_step(systemic0, inputs, params.model, pk, state.time, dt),
+                production0=production, loss0=loss, inputs0=inputs, oxygen_step1=carry.oxygen_step1,
+                oxygen_shift=1.0 + gamma_dt * jnp.maximum(-derivative0, 0.0), oxygen_time_term=time_term,
+                oxygen_right_hand_side=oxygen_rate0 + time_term)
 
-        def corrector(stage_terms, carry):
+        def corrector(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production1, loss1, inputs1, oxygen_rate1, _ = stage_terms
-            _, systemic1, production0, loss0, inputs0, oxygen_step1, shift, time_term, _ = carry
-            fields = exponential_trapezoid(fields0, production0, loss0, production1, loss1, dt)
+            fields = exponential_trapezoid(fields0, carry.production0, carry.loss0, production1, loss1, dt)
             # Extravasation is proportional to T_b; the systemic step applies it as a
             # loss rate J/(V_blood·T_b(t)), so average the clearance J/T_b (µL/h), not J,
             # or the coupling drops to first order.
-            clearance0 = inputs0.extravasation / jnp.maximum(systemic0.T_b, 1e-30)
-            clearance1 = inputs1.extravasation / jnp.maximum(systemic1.T_b, 1e-30)
-            mean_inputs = SystemicInputs(antigen_flux=0.5 * (inputs0.antigen_flux + inputs1.antigen_flux),
+            clearance0 = carry.inputs0.extravasation / jnp.maximum(systemic0.T_b, 1e-30)
+            clearance1 = inputs1.extravasation / jnp.maximum(carry.systemic.T_b, 1e-30)
+            mean_inputs = SystemicInputs(antigen_flux=0.5 * (carry.inputs0.antigen_flux + inputs1.antigen_flux),
                                          extravasation=0.5 * (clearance0 + clearance1) * systemic0.T_b)
             systemic = systemic_step(systemic0, mean_inputs, params.model, pk, state.time, dt)
-            return (fields, systemic, production0, loss0, inputs0, oxygen_step1, shift, time_term,
-                    oxygen_rate1 - 2.0 * oxygen_step1 - time_term)
+            right_hand_side = oxygen_rate1 - 2.0 * carry.oxygen_step1 - carry.oxygen_time_term
+            return carry._replace(fields=fields, systemic=systemic, oxygen_right_hand_side=right_hand_side)
 
-        def stage(index, carry):
-            stage_fields, stage_systemic = carry[0], carry[1]
+        def stage(index, carry: _ReactionCarry) -> _ReactionCarry:
             stage_time = state.time + index.astype(dt.dtype) * dt
-            terms = self.reaction_terms(stage_fields, params, stage_systemic, stage_time)
+            terms = self.reaction_terms(carry.fields, params, carry.systemic, stage_time)
             first = index == 0
-            carry = jax.lax.cond(first, predictor, corrector, terms + self.oxygen_rate(stage_fields, params), carry)
-            fields, shift, right_hand_side = carry[0], carry[6], carry[8]
+            carry = jax.lax.cond(first, predictor, corrector, terms + self.oxygen_rate(carry.fields, params), carry)
             # k₂ ≈ −k₁ both where oxygen is slow (k₂ ≈ F − 2k₁) and where it is stiff
-            # (k₂ → −Ȯ): a start that saves about one iteration in two.
-            guess = jnp.where(first, 0.0, -carry[5])
-            oxygen_step, _ = solve_screened_poisson(self.oxygen_basis, shift, diffusion_coefficient,
-                                                    right_hand_side, tolerance, enough=enough, guess=guess)
-            oxygen_step1 = jnp.where(first, oxygen_step, carry[5])
+            # (k₂ → −Ȯ): a start that saves about one iteration in two. (Starting k₁
+            # from the last step's k₁, carried in the state, saved under one in ten.)
+            guess = jnp.where(first, 0.0, -carry.oxygen_step1)
+            oxygen_step, _ = solve_screened_poisson(self.oxygen_basis, carry.oxygen_shift, diffusion_coefficient,
+                                                    carry.oxygen_right_hand_side, tolerance, enough=enough,
+                                                    guess=guess)
+            oxygen_step1 = jnp.where(first, oxygen_step, carry.oxygen_step1)
             increment = jnp.where(first, oxygen_step, 1.5 * oxygen_step1 + 0.5 * oxygen_step)
             oxygen = jnp.where(dt > 0, jnp.maximum(oxygen0 + dt * increment, 0.0), oxygen0)
-            return (fields.at[oxygen_index].set(oxygen),) + carry[1:5] + (oxygen_step1,) + carry[6:]
+            return carry._replace(fields=carry.fields.at[oxygen_index].set(oxygen), oxygen_step1=oxygen_step1)
 
         no_inputs = SystemicInputs(antigen_flux=jnp.zeros((), fields0.dtype),
                                    extravasation=jnp.zeros((), fields0.dtype))
         oxygen_zeros = jnp.zeros_like(oxygen0)
-        start = (fields0, systemic0, jnp.zeros_like(fields0), jnp.zeros_like(fields0), no_inputs,
-                 oxygen_zeros, jnp.ones_like(oxygen0), oxygen_zeros, oxygen_zeros)
-        fields, systemic = jax.lax.fori_loop(0, 2, stage, start, unroll=self.unroll_stages)[:2]
+        start = _ReactionCarry(fields=fields0, systemic=systemic0, production0=jnp.zeros_like(fields0),
+                               loss0=jnp.zeros_like(fields0), inputs0=no_inputs, oxygen_step1=oxygen_zeros,
+                               oxygen_shift=jnp.ones_like(oxygen0), oxygen_time_term=oxygen_zeros,
+                               oxygen_right_hand_side=oxygen_zeros)
+        end = jax.lax.fori_loop(0, 2, stage, start, unroll=self.unroll_stages)
+        fields, systemic = end.fields, end.systemic
         fields = self._extinction(fields, params)
         return replace(state, fields=fields, aux=replace(state.aux, systemic=systemic))
 
