@@ -4,10 +4,12 @@ The default job's lesion (one inflamed lesion of radius 300 µm in a 24³ box
 of 50 µm voxels, pembrolizumab) is advanced 12 h with ``solver.dt_max_h`` =
 0.5, 0.1, 0.02 and 0.005 h (plain Strang, float32), and the oxygen and
 necrosis readouts are compared across steps. Oxygen's local rate (uptake,
-10²–10³ h⁻¹) is stiff at every practical Δt, so each reaction sub-step
-drives O towards its local equilibrium P/Λ, near 0 away from vessels, and
-the spectral sub-step refills it: an O(1) splitting error wherever diffusion
-feeds the tumour (√(D_O/Λ) ≈ 100–200 µm). The figures show how large it is.
+10²–10⁴ h⁻¹) is stiff at every practical Δt. Split from its diffusion (up to
+commit 62194fd), each reaction sub-step drove O towards its local equilibrium
+P/Λ, near 0 away from vessels, and the spectral sub-step refilled it: an O(1)
+splitting error wherever diffusion feeds the tumour (√(D_O/Λ) ≈ 100–200 µm).
+Solved with its diffusion (tmesolve.implicit), the figures should agree
+across the four steps.
 
     python -m benchmarks.dt_convergence [--out benchmarks/results/dt-convergence.json]
 """

@@ -55,6 +55,21 @@ def test_fused_local_terms_equal_the_plain_reference(x64, therapy):
         assert np.all(np.asarray(production[symbol]) >= 0) and np.all(np.asarray(loss[symbol]) >= 0), symbol
     np.testing.assert_allclose(np.asarray(extras["killing"]), reference["_killing"], rtol=1e-12)
 
+    # Oxygen's local terms as react uses them (with its diffusion, not through
+    # reaction_terms, which leaves oxygen out), against the same reference, and their
+    # derivative against a central difference.
+    fields = jnp.stack([jnp.asarray(u[s.symbol]) for s in model.species])
+    oxygen_local, derivative = model.oxygen_local_terms(fields, params)
+    scale = np.max(np.abs(reference["O"]))
+    np.testing.assert_allclose(np.asarray(oxygen_local), reference["O"], rtol=1e-10, atol=1e-12 * scale)
+    oxygen = model.index("oxygen")
+    production_in_reactions, loss_in_reactions, _ = model.reaction_terms(fields, params, systemic, jnp.asarray(0.0))
+    assert not np.any(np.asarray(production_in_reactions[oxygen])) and not np.any(np.asarray(loss_in_reactions[oxygen]))
+    step = 1e-6 * (1.0 + np.abs(u["O"]))
+    shifted = [model.oxygen_local_terms(fields.at[oxygen].add(sign * step), params)[0] for sign in (1.0, -1.0)]
+    difference = (np.asarray(shifted[0]) - np.asarray(shifted[1])) / (2.0 * step)
+    np.testing.assert_allclose(np.asarray(derivative), difference, rtol=1e-6)
+
 
 def test_well_mixed_limit_matches_solve_ivp(x64):
     """Uniform fields, no-flux walls, tissue velocity off: the PDE is the ODE of its local terms.

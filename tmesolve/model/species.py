@@ -14,7 +14,9 @@ class Transport(str, enum.Enum):
     """How the engine moves a species.
 
     FAST_LINEAR: constant D and decay λ, advanced by the exact spectral
-        propagator (unconditionally stable): cytokines, antibodies, oxygen.
+        propagator (unconditionally stable): cytokines, antibodies; or, when
+        its local terms are too stiff to split from its diffusion (a model's
+        ``stiff_fast``, oxygen), with them by the model's reaction step.
     CELL: explicit conservative finite-volume transport supplied by the model
         (motility, chemotaxis, tissue velocity); limits the time step.
     NONE: no transport (local ODE only), e.g. PD-L1 expression.

@@ -106,7 +106,7 @@ CARRIED_MAPS = ("V", "S", "a")
 #: The fields cell transport moves.
 CELL_TRANSPORTED = PHASES + CARRIED_MAPS
 #: Linear decay rate (parameter symbol) of each fast species but oxygen, whose
-#: λ_O is part of its loss in :meth:`TMEModel.local_terms` already.
+#: λ_O is part of its loss (:meth:`TMEModel.local_terms`, :meth:`TMEModel.oxygen_local_terms`).
 LINEAR_DECAYS = {"G": "lambda_G", "X": "lambda_X", "L": "lambda_L", "B": "lambda_B",
                  "A1": "lambda_A", "A2": "lambda_A"}
 #: Fast species whose local terms are solved with their diffusion (TMEModel.stiff_fast).
@@ -334,14 +334,15 @@ class TMEModel(Model):
             production[symbol] = loss[symbol] = jnp.zeros_like(u[symbol])
         return self._stack(production), self._stack(loss), self._systemic_inputs(u, extras, params)
 
-    def oxygen_rate(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array]:
-        """Oxygen's rate and its local derivative at ``fields`` (MODEL.md, oxygen):
+    def oxygen_local_terms(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array]:
+        """Oxygen's local rate f(O) (mmHg/h) and its derivative (1/h) at ``fields`` (MODEL.md, oxygen):
 
-            ∂O/∂t = D_O Δ_h O + f(O),   f(O) = k_V V (O_b − O) − λ_O O − (u_C C + u_T (T + E)) O/(O + K_Ou)
+            f(O) = k_V V (O_b − O) − λ_O O − (u_C C + u_T (T + E)) O/(O + K_Ou)
             ∂f/∂O = −k_V V − λ_O − (u_C C + u_T (T + E)) K_Ou/(O + K_Ou)²
 
-        in mmHg/h and 1/h: the same terms as :meth:`local_terms` (production
-        k_V V O_b, per-capita loss k_V V + λ_O + uptake/(O + K_Ou)) plus diffusion.
+        the same terms as :meth:`local_terms` (production k_V V O_b, per-capita loss
+        k_V V + λ_O + uptake/(O + K_Ou)), which :meth:`reaction_terms` leaves out
+        for oxygen; a negative O counts as 0.
         """
         p = params.model
         u = self._unstack(fields)
@@ -351,7 +352,13 @@ class TMEModel(Model):
         saturation = oxygen + p["K_Ou"]
         local = supply * (p["O_b"] - oxygen) - p["lambda_O"] * oxygen - capacity * oxygen / saturation
         derivative = -(supply + p["lambda_O"] + capacity * p["K_Ou"] / saturation**2)
-        diffusion = _per_lesion(p["D_O"]) * diffusion_rate(u["O"], 1.0, self.grid.spacing_um)
+        return local, derivative
+
+    def oxygen_rate(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array]:
+        """∂O/∂t = D_O Δ_h O + f(O) (mmHg/h) and ∂f/∂O (1/h) at ``fields`` (:meth:`oxygen_local_terms`)."""
+        local, derivative = self.oxygen_local_terms(fields, params)
+        oxygen = fields[self.index("oxygen")]
+        diffusion = _per_lesion(params.model["D_O"]) * diffusion_rate(oxygen, 1.0, self.grid.spacing_um)
         return diffusion + local, derivative
 
     def _systemic_inputs(self, u, extras, params) -> SystemicInputs:
@@ -407,10 +414,12 @@ class TMEModel(Model):
 
         def predictor(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production, loss, inputs, oxygen_rate0, derivative0 = stage_terms
-            # Oxygen has no local terms here (reaction_terms), so it stays at Oⁿ.
+            # Oxygen has no local terms here (reaction_terms), so it stays at Oⁿ, and
+            # only the local part of F changes with the cells: γΔt·F_t from it alone.
             fields = _frozen_exponential(fields0, production, loss, dt)
-            rate_moved_cells, _ = self.oxygen_rate(fields, params)
-            time_term = ROS2_GAMMA * (rate_moved_cells - oxygen_rate0)       # γΔt·F_t
+            local_moved_cells, _ = self.oxygen_local_terms(fields, params)
+            local0, _ = self.oxygen_local_terms(fields0, params)
+            time_term = ROS2_GAMMA * (local_moved_cells - local0)
             return _ReactionCarry(
                 fields=fields, systemic=systemic_step(systemic0, inputs, params.model, pk, state.time, dt),
                 production0=production, loss0=loss, inputs0=inputs, oxygen_step1=carry.oxygen_step1,
