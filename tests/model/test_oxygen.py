@@ -48,7 +48,7 @@ def test_oxygen_is_quasi_steady_and_independent_of_the_step():
     assert (coarse[oxygen] < 2.5).sum() == (fine[oxygen] < 2.5).sum()
     assert abs(coarse[necrotic].sum() / fine[necrotic].sum() - 1.0) < 0.05
 
-    rate, _ = model.oxygen_rate(finals[0.5].fields, params)
+    rate, _, _ = model.oxygen_rate(finals[0.5].fields, params)
     u = {name: coarse[model.index(name)] for name in ("tumour_cells", "effector_t_cells", "exhausted_t_cells")}
     p = params.model
     uptake = (float(p["u_C"]) * u["tumour_cells"]

@@ -163,6 +163,16 @@ class _ReactionCarry(NamedTuple):
     oxygen_right_hand_side: jax.Array
 
 
+def _oxygen_supply(u: dict[str, jax.Array], p) -> jax.Array:
+    """k_V·V (h⁻¹): oxygen's exchange rate with blood at O_b."""
+    return p["k_V"] * u["V"]
+
+
+def _oxygen_uptake_capacity(u: dict[str, jax.Array], p) -> jax.Array:
+    """u_C·C + u_T·(T + E) (mmHg/h): oxygen's uptake at saturation (Michaelis–Menten in O)."""
+    return p["u_C"] * u["C"] + p["u_T"] * (u["T"] + u["E"])
+
+
 def _per_lesion(value: jax.Array) -> jax.Array:
     """Broadcast a (lesions,) parameter against fields (lesions, nx, ny, nz)."""
     value = jnp.asarray(value)
@@ -281,7 +291,7 @@ class TMEModel(Model):
             "T": extravasation + expansion + p["k_re"] * theta * E,
             "E": p["k_ex"] * H_PD * engagement * T_star,
             "H": zero,
-            "O": p["k_V"] * V * p["O_b"],
+            "O": _oxygen_supply(u, p) * p["O_b"],
             "G": p["p_G"] * activity,
             "X": ((_per_lesion(p["p_X0"]) + p["p_X"] * G / (G + p["K_GX"])) * (C / K_max + p["s_X"] * S)
                   + p["p_X"] * p["x_h"] * G / (G + p["K_GX"])),
@@ -302,7 +312,7 @@ class TMEModel(Model):
             "T": p["k_ex"] * H_PD * engagement * f_spec + p["delta_T"],
             "E": p["k_re"] * theta + p["delta_E"],
             "H": zero,
-            "O": p["k_V"] * V + p["lambda_O"] + (p["u_C"] * C + p["u_T"] * (T + E)) / (O + p["K_Ou"]),
+            "O": _oxygen_supply(u, p) + p["lambda_O"] + _oxygen_uptake_capacity(u, p) / (O + p["K_Ou"]),
             "G": zero,
             "X": zero,
             "L": p["u_L"] * (T + E) / (L + p["K_L"]),
@@ -347,19 +357,18 @@ class TMEModel(Model):
         p = params.model
         u = self._unstack(fields)
         oxygen = jnp.maximum(u["O"], 0.0)
-        supply = p["k_V"] * u["V"]
-        capacity = p["u_C"] * u["C"] + p["u_T"] * (u["T"] + u["E"])
+        supply, capacity = _oxygen_supply(u, p), _oxygen_uptake_capacity(u, p)
         saturation = oxygen + p["K_Ou"]
         local = supply * (p["O_b"] - oxygen) - p["lambda_O"] * oxygen - capacity * oxygen / saturation
         derivative = -(supply + p["lambda_O"] + capacity * p["K_Ou"] / saturation**2)
         return local, derivative
 
-    def oxygen_rate(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array]:
-        """∂O/∂t = D_O Δ_h O + f(O) (mmHg/h) and ∂f/∂O (1/h) at ``fields`` (:meth:`oxygen_local_terms`)."""
+    def oxygen_rate(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """∂O/∂t = D_O Δ_h O + f(O) (mmHg/h), f(O) and ∂f/∂O (1/h) at ``fields`` (:meth:`oxygen_local_terms`)."""
         local, derivative = self.oxygen_local_terms(fields, params)
         oxygen = fields[self.index("oxygen")]
         diffusion = _per_lesion(params.model["D_O"]) * diffusion_rate(oxygen, 1.0, self.grid.spacing_um)
-        return diffusion + local, derivative
+        return diffusion + local, local, derivative
 
     def _systemic_inputs(self, u, extras, params) -> SystemicInputs:
         """Antigen flux to the lymph node and extravasation from blood, summed over lesions (cells/h)."""
@@ -413,12 +422,11 @@ class TMEModel(Model):
         enough = stage_residual_enough(oxygen0, dt, tolerance)
 
         def predictor(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
-            production, loss, inputs, oxygen_rate0, derivative0 = stage_terms
+            production, loss, inputs, oxygen_rate0, local0, derivative0 = stage_terms
             # Oxygen has no local terms here (reaction_terms), so it stays at Oⁿ, and
             # only the local part of F changes with the cells: γΔt·F_t from it alone.
             fields = _frozen_exponential(fields0, production, loss, dt)
             local_moved_cells, _ = self.oxygen_local_terms(fields, params)
-            local0, _ = self.oxygen_local_terms(fields0, params)
             time_term = ROS2_GAMMA * (local_moved_cells - local0)
             return _ReactionCarry(
                 fields=fields, systemic=systemic_step(systemic0, inputs, params.model, pk, state.time, dt),
@@ -427,7 +435,7 @@ class TMEModel(Model):
                 oxygen_right_hand_side=oxygen_rate0 + time_term)
 
         def corrector(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
-            production1, loss1, inputs1, oxygen_rate1, _ = stage_terms
+            production1, loss1, inputs1, oxygen_rate1, _, _ = stage_terms
             fields = exponential_trapezoid(fields0, carry.production0, carry.loss0, production1, loss1, dt)
             # Extravasation is proportional to T_b; the systemic step applies it as a
             # loss rate J/(V_blood·T_b(t)), so average the clearance J/T_b (µL/h), not J,
