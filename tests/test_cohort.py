@@ -13,6 +13,8 @@ integrates. Run alone it compiles its own. Total ≈ 65–85 s on 2 busy cores.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import subprocess
 import sys
 
@@ -165,6 +167,18 @@ COMPARED = (
 )
 
 
+def _assert_round_off(actual, reference, what: str) -> None:
+    # Same float32 operations in a different (vmapped) order: round-off only.
+    # rtol 1e-5 ≈ 100 ulp after ~170 steps; atol covers exact zeros (no drug).
+    np.testing.assert_allclose(
+        actual,
+        reference,
+        rtol=1e-5,
+        atol=1e-5 * float(np.max(np.abs(reference)) or 1.0),
+        err_msg=what,
+    )
+
+
 def test_batched_trial_equals_one_patient_at_a_time(shared_integrators):
     """The 2-lesion patient, run in the batched trial (its 3 arms in chunks of 2, the
     last one padded), equals its runs one at a time with Integrator.
@@ -178,9 +192,8 @@ def test_batched_trial_equals_one_patient_at_a_time(shared_integrators):
     arms = ["none", "nivolumab", "ipilimumab"]
     lead_in, duration = WEEK_H, WEEK_H  # 2 weeks in all
     integrators: dict = {}
-    # Chunks of 2: the 1-lesion group (6 patient-arms) runs 3 chunks, the 2-lesion
-    # group (3 patient-arms) 2 chunks, the last padded; each group compiles once.
-    result = run_trial(
+    trial = functools.partial(
+        run_trial,
         samples,
         arms,
         GRID,
@@ -190,6 +203,9 @@ def test_batched_trial_equals_one_patient_at_a_time(shared_integrators):
         dt_max=DT_MAX,
         integrators=integrators,
     )
+    # Chunks of 2: the 1-lesion group (6 patient-arms) runs 3 chunks, the 2-lesion
+    # group (3 patient-arms) 2 chunks, the last padded; each group compiles once.
+    result = trial()
     assert result.trace_counts == {1: 1, 2: 1}
     assert result.chunk_sizes == {1: CHUNK, 2: CHUNK}
     np.testing.assert_array_equal(result.record_times_h, [0.0, WEEK_H, 2 * WEEK_H])
@@ -224,15 +240,7 @@ def test_batched_trial_equals_one_patient_at_a_time(shared_integrators):
         batched = result.records[arm][patient]
         for name in COMPARED:
             reference = np.stack([r[name] for r in collected]).astype(float)
-            # Same float32 operations in a different (vmapped) order: round-off only.
-            # rtol 1e-5 ≈ 100 ulp after ~170 steps; atol covers exact zeros (no drug).
-            np.testing.assert_allclose(
-                batched[name][1:],
-                reference,
-                rtol=1e-5,
-                atol=1e-5 * float(np.max(np.abs(reference)) or 1.0),
-                err_msg=f"{arm} {name}",
-            )
+            _assert_round_off(batched[name][1:], reference, f"{arm} {name}")
     assert integrator is not None and integrator.trace_count == 1
     # Paired design: before therapy every arm holds the same patient.
     for p in range(len(samples)):
@@ -244,7 +252,60 @@ def test_batched_trial_equals_one_patient_at_a_time(shared_integrators):
     # Therapy acts: nivolumab occupies PD-1 in every patient, the control arm has no drug.
     assert all(result.records["nivolumab"][p]["occupancy_pd1"][-1] > 0.5 for p in range(3))
     assert all(result.records["none"][p]["occupancy_pd1"][-1] == 0.0 for p in range(3))
+
+    # One compile for the whole cohort: the 1-lesion patients padded to 2 lesions with
+    # copies the systemic compartment does not see run in the 2-lesion group's loop
+    # (compiled above for chunks of 2, so nothing compiles here) and give the results
+    # of their own 1-lesion loop to round-off.
+    padded = trial(pad_lesions=True)
+    assert padded.trace_counts == {2: 0} and padded.chunk_sizes == {2: CHUNK}
+    for arm in arms:
+        for p, sample in enumerate(samples):
+            for name in COMPARED:
+                grouped = result.records[arm][p][name]
+                assert padded.records[arm][p][name].shape == grouped.shape, name
+                _assert_round_off(
+                    padded.records[arm][p][name], grouped, f"padded {arm} {sample.patient_id} {name}"
+                )
+            assert padded.outcomes[arm][p].best_response == result.outcomes[arm][p].best_response
     shared_integrators.update(integrators)
+
+
+def test_padding_copies_weigh_nothing_and_bad_counts_name_the_setting():
+    from tmesolve.model.systemic import tmb_priming_factor
+    from tmesolve.model.tme_setup import pad_lesions
+
+    sample = sample_cohort(small_spec(3, seed=0))[0]  # two lesions
+    tmbs = [lesion.tmb for lesion in sample.lesions]
+    assert len(tmbs) == 2 and abs(tmbs[0] - tmbs[1]) > 0.1 * max(tmbs)
+    setup = setup_tme(GRID, sample.lesion_specs(), seed=sample.seed)
+    padded = pad_lesions(setup, 3)
+    assert padded.model.lesions == 3 and padded.model.field_shape[1] == 3
+    np.testing.assert_array_equal(np.asarray(padded.params.lesion_weight), [1.0, 1.0, 0.0])
+    fields = np.asarray(padded.state.fields)
+    np.testing.assert_array_equal(fields[:, 2], fields[:, 0])
+    np.testing.assert_array_equal(fields[:, :2], np.asarray(setup.state.fields))
+    # The copy's per-lesion parameters are lesion 0's, except TMB: the patient's
+    # mean, so that the priming factor τ(mean TMB) stays the patient's.
+    np.testing.assert_allclose(
+        float(tmb_priming_factor(padded.params.model)),
+        float(tmb_priming_factor(setup.params.model)),
+        rtol=1e-6,
+    )
+    # The systemic compartment sees the patient's own lesions only.
+    u = padded.model._unstack(padded.state.fields)
+    u_own = setup.model._unstack(setup.state.fields)
+    extras = {"killing": np.ones_like(u["C"]), "extravasation": np.ones_like(u["C"])}
+    extras_own = {name: value[:2] for name, value in extras.items()}
+    seen = padded.model._systemic_inputs(u, extras, padded.params)
+    own = setup.model._systemic_inputs(u_own, extras_own, setup.params)
+    np.testing.assert_allclose(float(seen.antigen_flux), float(own.antigen_flux), rtol=1e-6)
+    np.testing.assert_allclose(float(seen.extravasation), float(own.extravasation), rtol=1e-6)
+    assert pad_lesions(setup, 2) is setup
+    for bad in (1, 6):
+        with pytest.raises(ConfigError) as error:
+            pad_lesions(setup, bad)
+        assert error.value.key == "lesions"
 
 
 # ---------------------------------------------------------------------------
@@ -314,6 +375,10 @@ def test_tiny_trial_runs_end_to_end_and_writes_its_files(tmp_path, shared_integr
     assert len((out / "patients.csv").read_text().splitlines()) == 1 + 4 * len(arms)
     report = (out / "report.txt").read_text()
     assert "UNCALIBRATED" in report and "CheckMate 067" in report and "log-rank" in report
+    spread = summary["biomarkers"]["pdl1"]["cohort"]
+    baseline = [o.baseline_pdl1 for o in result.outcomes["ipilimumab"]]
+    assert spread["min"] == min(baseline) and spread["max"] == max(baseline)
+    assert "baseline PD-L1 in this cohort" in report
 
 
 # ---------------------------------------------------------------------------
@@ -321,37 +386,121 @@ def test_tiny_trial_runs_end_to_end_and_writes_its_files(tmp_path, shared_integr
 # ---------------------------------------------------------------------------
 
 
+#: A trial small enough for the command-line tests: 2 one-lesion patients, 6³ voxels,
+#: 1 week of lead-in and 2 of therapy; no persistent cache (a test must not switch
+#: on JAX's cache for the rest of the session).
+TINY_TRIAL = [
+    "cohort.n_patients=2",
+    "cohort.lesions_max=1",
+    "grid.voxels=6",
+    "grid.spacing_um=100",
+    "trial.weeks=2",
+    "trial.lead_in_weeks=1",
+    "trial.arms=[none,nivolumab]",
+    f"solver.dt_max_h={DT_MAX}",
+    "output.figures=false",
+    "output.compilation_cache_dir=null",
+]
+
+
+def test_cohort_group_files_are_the_presets():
+    from tmesolve.cohort import PRESET_DIR, load_cohort_spec
+
+    files = sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+    assert files == sorted(COHORT_PRESETS)
+    spec = load_cohort_spec(PRESET_DIR / "melanoma.yaml", n_patients=3)
+    assert spec.n_patients == 3 and spec.tmb_median == COHORT_PRESETS["melanoma"].tmb_median
+
+
+def test_cli_help_lists_every_preset_and_no_foreign_group(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name in COHORT_PRESETS:
+        assert name in text
+    assert "tme:" not in text and "patient:" not in text  # tmesolve's groups
+
+
 @pytest.mark.parametrize(
     "argv,key",
     [
-        (["--preset", "glioma"], "--preset"),
-        (["--arms", "nivolumab,aspirin"], "--arms"),
-        (["--patients", "0"], "--patients"),
-        (["--patients", "many"], "--patients"),
-        (["--grid", "2"], "--grid"),
-        (["--lesions", "1,7"], "--lesions"),
+        (["cohort=glioma"], "cohort"),
+        (["trial.arms=[nivolumab,aspirin]"], "trial.arms"),
+        (["cohort.n_patients=0"], "cohort.n_patients"),
+        (["cohort.n_patients=many"], "cohort.n_patients"),
+        (["grid.voxels=2"], "grid.voxels"),
+        (["cohort.lesions_max=7"], "cohort.lesions_max"),
+        (["cohort.radius_um_range=[100,400]"], "cohort.radius_um_range"),  # half box: 320 µm
+        (["params.k_kill=-1"], "params.k_kill"),
+        (["params.no_such_symbol=1"], "params.no_such_symbol"),
+        (["trial.no_such_setting=1"], "trial.no_such_setting"),
+        (["solver.dtype=float16"], "solver.dtype"),
+        (["--preset", "melanoma"], "--preset"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_non_zero(tmp_path, capsys, argv, key):
-    code = main([*argv, "--out", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    code = main([*argv, f"hydra.run.dir={out}"])
     captured = capsys.readouterr()
     assert code == 2
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tmesolve-cohort:") and key in lines[0], (
-        captured.err
-    )
-    assert not (tmp_path / "out").exists()
+    assert len(lines) == 1 and lines[0].startswith(f"tmesolve-cohort: {key}"), captured.err
+    assert not (out / "cohort.h5").exists()
 
 
-def test_cli_refuses_a_non_empty_output_directory(tmp_path, capsys):
+def test_cli_sweep_writes_trials_and_one_summary_row_per_job_and_arm(tmp_path, capsys):
+    import csv
+
+    from tmesolve.cli import summary_main
+
+    sweep = tmp_path / "sweep"
+    argv = ["-m", "cohort=melanoma,rcc", *TINY_TRIAL, "params.k_kill=0.25"]
+    assert main([*argv, f"hydra.sweep.dir={sweep}"]) == 0
+    for job, preset in (("0", "melanoma"), ("1", "rcc")):
+        folder = sweep / job
+        for name in ("cohort.h5", "patients.csv", "summary.csv", "report.txt"):
+            assert (folder / name).stat().st_size > 0, (job, name)
+        with h5py.File(folder / "cohort.h5", "r") as handle:
+            assert f"cohort={preset}" in handle.attrs["overrides"]
+            assert "k_kill: 0.25" in handle.attrs["config"]
+            assert len(handle["cohort/lesions/tmb"]) == 2
+            expected = COHORT_PRESETS[preset].tmb_median
+            assert json.loads(handle.attrs["cohort"])["tmb_median"] == expected
+    # The same seed, another preset: the drawn TMBs differ by the ratio of the medians.
+    with h5py.File(sweep / "0" / "cohort.h5") as a, h5py.File(sweep / "1" / "cohort.h5") as b:
+        assert not np.allclose(a["cohort/lesions/tmb"][()], b["cohort/lesions/tmb"][()])
+
+    capsys.readouterr()
+    # A trial directory holds its own summary.csv: the sweep table never replaces it.
+    before = (sweep / "0" / "summary.csv").read_bytes()
+    assert summary_main([str(sweep / "0")]) == 1
+    assert "trial directory" in capsys.readouterr().err
+    assert (sweep / "0" / "summary.csv").read_bytes() == before
+    assert summary_main([str(sweep)]) == 0
+    with open(sweep / "summary.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["job"], row["cohort"], row["arm"]) for row in rows] == [
+        ("0", "melanoma", "none"),
+        ("0", "melanoma", "nivolumab"),
+        ("1", "rcc", "none"),
+        ("1", "rcc", "nivolumab"),
+    ]
+    for row in rows:
+        assert row["params.k_kill"] == "0.25" and row["n_patients"] == "2"
+        assert 0.0 <= float(row["orr.lower_95"]) <= float(row["orr"]) <= float(row["orr.upper_95"])
+
+
+def test_cli_refuses_to_replace_an_earlier_trial(tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
-    assert main(["--out", str(out)]) == 2
+    (out / ".hydra").mkdir(parents=True)
+    (out / "report.txt").write_text("keep me")
+    (out / ".hydra" / "overrides.yaml").write_text("- cohort=rcc\n")
+    assert main([*TINY_TRIAL, f"hydra.run.dir={out}"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "--out" in lines[0] and "--overwrite" in lines[0]
-    assert (out / "old.txt").read_text() == "keep me"
+    assert len(lines) == 1 and "output.overwrite" in lines[0] and "report.txt" in lines[0]
+    assert (out / "report.txt").read_text() == "keep me"
+    assert (out / ".hydra" / "overrides.yaml").read_text() == "- cohort=rcc\n"
+    assert not (out / "cohort.h5").exists()
 
 
 def test_cli_module_exits_non_zero_with_one_line(tmp_path):
@@ -360,10 +509,8 @@ def test_cli_module_exits_non_zero_with_one_line(tmp_path):
             sys.executable,
             "-m",
             "tmesolve.cohort_cli",
-            "--preset",
-            "glioma",
-            "--out",
-            str(tmp_path / "out"),
+            "cohort=glioma",
+            f"hydra.run.dir={tmp_path / 'out'}",
         ],
         capture_output=True,
         text=True,
@@ -371,6 +518,7 @@ def test_cli_module_exits_non_zero_with_one_line(tmp_path):
     )
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "cohort: got 'glioma'" in done.stderr
 
 
 def test_run_trial_refuses_bad_settings_before_compiling():

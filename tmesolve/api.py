@@ -163,6 +163,18 @@ def _scalar(value: Any) -> Any:
     return json.dumps(value, default=str)
 
 
+def _job_row(root: Path, job: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """The first columns of a job's row: ``job``, ``overrides`` and one per override key."""
+    row: dict[str, Any] = {
+        "job": str(job.relative_to(root)) if job != root else ".",
+        "overrides": " ".join(overrides),
+    }
+    for item in overrides:
+        key, _, value = item.partition("=")
+        row[key.lstrip("+~")] = value
+    return row
+
+
 def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """One row per job of a sweep: its overrides, status, final readouts, response and summary.
 
@@ -178,14 +190,7 @@ def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     root = Path(sweep_dir)
     rows = []
     for run_dir in find_runs(root):
-        overrides = job_overrides(run_dir)
-        row: dict[str, Any] = {
-            "job": str(run_dir.relative_to(root)) if run_dir != root else ".",
-            "overrides": " ".join(overrides),
-        }
-        for item in overrides:
-            key, _, value = item.partition("=")
-            row[key.lstrip("+~")] = value
+        row = _job_row(root, run_dir, job_overrides(run_dir))
         with open_run(run_dir) as data:
             row["status"] = data.status
             for name in data.timeseries_names:
@@ -213,6 +218,67 @@ def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
                     if key != "run_file" and not isinstance(value, (dict, list)):
                         row[f"summary.{key}"] = value
         rows.append({key: _scalar(value) for key, value in row.items()})
+    return rows
+
+
+#: Per-arm rates of a trial's summary that a cohort sweep's table lists (count, n, rate, CI).
+_COHORT_RATES = ("orr", "cr_rate", "dcr")
+#: Per-arm counts of a trial's summary that a cohort sweep's table lists.
+_COHORT_COUNTS = ("therapy_held", "durable_cr", "touched_wall")
+
+
+def summarize_cohort_sweep(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One row per job and arm of a sweep of ``tmesolve-cohort`` trials.
+
+    Columns: ``job``, ``overrides`` and each override key (as in
+    :func:`summarize_sweep`), ``cohort`` (the preset name), ``arm``,
+    ``n_patients``, ``<rate>`` / ``<rate>.count`` / ``<rate>.lower_95`` /
+    ``<rate>.upper_95`` for orr, cr_rate and dcr, ``pfs.median_h`` (NaN where
+    not reached), ``pfs.events``, ``irae.rate``, the counts therapy_held,
+    durable_cr and touched_wall, and ``logrank.p_value`` (the trial's test
+    across its arms).
+    """
+    from tmesolve.plots import _natural_key, job_overrides
+
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    jobs = sorted(
+        (path.parent for path in root.rglob("cohort.h5") if ".submitit" not in path.parts),
+        key=_natural_key,
+    )
+    if not jobs:
+        raise FileNotFoundError(f"{root}: no trial directories (no cohort.h5 below it)")
+    import h5py
+
+    rows = []
+    for job in jobs:
+        overrides = job_overrides(job)
+        with h5py.File(job / "cohort.h5", "r") as handle:
+            summary = json.loads(handle.attrs["summary"])
+            cohort = json.loads(handle.attrs.get("cohort", "{}") or "{}")
+        p_value = summary.get("logrank", {}).get("p_value")
+        for arm in summary["arms"]:
+            results = summary["per_arm"][arm]
+            row = _job_row(root, job, overrides)
+            row["cohort"] = cohort.get("name", "")
+            row["arm"] = arm
+            row["n_patients"] = results["n"]
+            for name in _COHORT_RATES:
+                rate = results[name]
+                row[name] = rate["rate"]
+                row[f"{name}.count"] = rate["count"]
+                row[f"{name}.lower_95"] = rate["lower_95"]
+                row[f"{name}.upper_95"] = rate["upper_95"]
+            median = results["pfs"].get("median_h")
+            row["pfs.median_h"] = math.nan if median is None else median
+            row["pfs.events"] = results["pfs"].get("events")
+            irae = results["irae"].get("rate")
+            row["irae.rate"] = irae.get("rate") if isinstance(irae, dict) else irae
+            for name in _COHORT_COUNTS:
+                row[name] = results.get(name)
+            row["logrank.p_value"] = p_value
+            rows.append({key: _scalar(value) for key, value in row.items()})
     return rows
 
 
@@ -269,4 +335,12 @@ def write_summary(
     return csv_path, h5_path
 
 
-__all__ = ["RunResult", "compose_config", "resume", "run", "summarize_sweep", "write_summary"]
+__all__ = [
+    "RunResult",
+    "compose_config",
+    "resume",
+    "run",
+    "summarize_cohort_sweep",
+    "summarize_sweep",
+    "write_summary",
+]

@@ -36,7 +36,7 @@ from tmesolve.errors import ConfigError
 
 log = logging.getLogger("tmesolve")
 
-#: Set by :func:`main_with_overrides` for the task: show tracebacks instead of one line.
+#: Set by :func:`run_hydra_app` for the task: show tracebacks instead of one line.
 _debug = False
 
 #: Exit codes: a configuration error, a run that failed, an interrupt.
@@ -263,48 +263,69 @@ def execute(
     return summary
 
 
-@hydra.main(config_path=str(configuration.config_dir()), config_name="config", version_base="1.3")
-def _hydra_task(cfg: DictConfig) -> dict[str, Any]:
-    """The Hydra task: one job (single run or one job of a sweep)."""
+def job_abort(error: Exception, multirun: bool) -> _Abort | None:
+    """What a Hydra task raises for ``error``: an :class:`_Abort` (one line), or None to re-raise.
+
+    The message and the traceback go to the job's log file either way. In a
+    sweep (or with tracebacks requested) the error itself goes on, so that
+    Hydra reports which job failed and the launcher decides what goes on.
+    """
+    message, is_config_error = configuration.describe_error(error)
+    _write_to_log_files(f"error: {message}\n{traceback.format_exc()}")
+    if multirun or _debug:
+        return None
+    return _Abort(EXIT_CONFIG_ERROR if is_config_error else EXIT_RUN_FAILED, message)
+
+
+def run_job(execute_job: Any, cfg: DictConfig) -> dict[str, Any]:
+    """Inside a Hydra task: ``execute_job(cfg, run_dir, overrides)`` in the job's directory.
+
+    An error becomes one line (:func:`job_abort`) outside a sweep.
+    """
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     # Unresolved: an override may hold an interpolation such as ${oc.env:...}.
     overrides = [str(item) for item in OmegaConf.to_container(hydra_config.overrides.task)]
     multirun = hydra_config.mode == RunMode.MULTIRUN
     try:
-        return execute(cfg, run_dir, overrides)
+        return execute_job(cfg, run_dir, overrides)
     except Exception as error:
-        message, is_config_error = configuration.describe_error(error)
-        _write_to_log_files(f"error: {message}\n{traceback.format_exc()}")
-        if multirun or _debug:
-            raise  # Hydra reports which job failed; the launcher decides what goes on
-        raise _Abort(EXIT_CONFIG_ERROR if is_config_error else EXIT_RUN_FAILED, message) from error
+        abort = job_abort(error, multirun)
+        if abort is None:
+            raise
+        raise abort from error
 
 
-def main_with_overrides(argv: Sequence[str]) -> int:
-    """Run ``tmesolve`` with these command-line arguments in this process; returns the exit code.
+@hydra.main(config_path=str(configuration.config_dir()), config_name="config", version_base="1.3")
+def _hydra_task(cfg: DictConfig) -> dict[str, Any]:
+    """The Hydra task: one job (single run or one job of a sweep)."""
+    return run_job(execute, cfg)
 
-    Prints at most one line on stderr for an error (see the module docstring).
+
+def run_hydra_app(task: Any, argv: Sequence[str], *, prog: str, prefix: str = "") -> int:
+    """Run the Hydra app ``task`` (a ``@hydra.main`` function) with ``argv``; returns the exit code.
+
+    Prints at most one line on stderr for an error, starting with ``prefix``
+    (see the module docstring); Hydra's logging set-up is undone afterwards.
     """
     global _debug
     argv = list(argv)
     debug = _debug = _debug_requested(argv)
-    argv = _resume_arguments(configuration.normalise_overrides(argv))
     saved_argv = sys.argv
     saved_full_error = os.environ.get("HYDRA_FULL_ERROR")
     # Hydra configures the root logger for the job; put it back afterwards
     # (matters when this runs in-process: tests, notebooks).
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
-    sys.argv = ["tmesolve", *argv]
+    sys.argv = [prog, *argv]
     # Hydra then raises its errors instead of printing them over many lines.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     GlobalHydra.instance().clear()
     try:
-        _hydra_task()
+        task()
         return 0
     except _Abort as abort:
-        print(abort.message, file=sys.stderr)
+        print(prefix + abort.message, file=sys.stderr)
         return abort.code
     except SystemExit as exit_:  # --help, --info, ... exit through Hydra
         code = exit_.code
@@ -312,13 +333,13 @@ def main_with_overrides(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("tmesolve: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
         if debug:
             raise
         message, is_config_error = configuration.describe_error(error)
-        print(message, file=sys.stderr)
+        print(prefix + message, file=sys.stderr)
         return EXIT_CONFIG_ERROR if is_config_error else EXIT_RUN_FAILED
     finally:
         sys.argv = saved_argv
@@ -332,6 +353,15 @@ def main_with_overrides(argv: Sequence[str]) -> int:
                 handler.close()
         root.handlers = saved_handlers
         root.setLevel(saved_level)
+
+
+def main_with_overrides(argv: Sequence[str]) -> int:
+    """Run ``tmesolve`` with these command-line arguments in this process; returns the exit code.
+
+    Prints at most one line on stderr for an error (see the module docstring).
+    """
+    argv = _resume_arguments(configuration.normalise_overrides(list(argv)))
+    return run_hydra_app(_hydra_task, argv, prog="tmesolve")
 
 
 def main() -> None:
@@ -387,11 +417,12 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
 
 
 def summary_main(argv: Sequence[str] | None = None) -> int:
-    """``tmesolve-summary <sweep dir>``: one row per job into summary.csv and summary.h5."""
+    """``tmesolve-summary <sweep dir>``: one row per job (per job and arm for trials) into
+    summary.csv and summary.h5."""
     parser = argparse.ArgumentParser(
         prog="tmesolve-summary",
         description="Collect every job's overrides and readouts of a sweep into summary.csv "
-        "and summary.h5.",
+        "and summary.h5 (a sweep of tmesolve-cohort trials: one row per job and arm).",
     )
     parser.add_argument("path", help="the sweep directory (multirun/<date>/<time>)")
     parser.add_argument(
@@ -400,11 +431,23 @@ def summary_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def collect() -> int:
-        from tmesolve.api import summarize_sweep, write_summary
+        from tmesolve.api import summarize_cohort_sweep, summarize_sweep, write_summary
 
-        rows = summarize_sweep(args.path)
-        csv_path, h5_path = write_summary(rows, args.output or args.path)
-        print(f"{len(rows)} jobs -> {csv_path}, {h5_path}")
+        path = Path(args.path)
+        trials = path.is_dir() and any(path.rglob("cohort.h5"))
+        runs = path.is_dir() and any(path.rglob("run.h5"))
+        folder = Path(args.output or args.path)
+        if (folder / "cohort.h5").is_file():
+            # A trial's own summary.csv lives there: never replace it with the sweep table.
+            raise ValueError(
+                f"{folder} is a trial directory (it holds cohort.h5 and its own summary.csv); "
+                "give the sweep directory above it, or --output another folder"
+            )
+        # A sweep of tmesolve-cohort trials: one row per job and arm.
+        rows = summarize_cohort_sweep(path) if trials and not runs else summarize_sweep(path)
+        csv_path, h5_path = write_summary(rows, folder)
+        what = "job-arm rows" if trials and not runs else "jobs"
+        print(f"{len(rows)} {what} -> {csv_path}, {h5_path}")
         return 0
 
     return _one_line_errors(collect)

@@ -18,9 +18,15 @@ group**, whatever the number of patients and arms (arms differ only in array
 values: schedules are padded to one shape). A group is cut into chunks of
 ``chunk_size`` patient-arms; the last chunk is padded with copies of its last
 member (results discarded), so every chunk has the same shape and the group
-still compiles once. Padding patients to ``lesions_max`` lesions instead was
-rejected: empty lesion boxes would cost as much as real ones, and the empty
-lesions would still enter the shared systemic compartment.
+still compiles once. With ``pad_lesions=True`` every patient is instead padded
+to the cohort's largest lesion count with copies of its first lesion that the
+systemic compartment does not see (:func:`~tmesolve.model.tme_setup.pad_lesions`):
+**one compile for the whole cohort**, and the same results to round-off, but
+each copy costs as much as a real lesion (a 1–3-lesion cohort computes 3
+lesions per patient instead of 2 on average). On a CPU, where the step cost
+grows with the lesions computed, grouping is faster once the integration
+outweighs the extra compiles (seconds each); padding suits a GPU that small
+batches leave idle, and sweeps that should compile once.
 
 Time line of a patient: an untreated lead-in (default 2 weeks: a lesion
 started near packing settles with its vasculature), therapy from
@@ -64,6 +70,7 @@ from tmesolve.model.tme_setup import (
     setup_tme,
     stack_setups,
 )
+from tmesolve.model.tme_setup import pad_lesions as pad_lesion_copies
 from tmesolve.readouts import PHENOTYPES as CLASS_NAMES
 from tmesolve.readouts import SYSTEMIC, TIMESERIES
 from tmesolve.recist import CATEGORIES, score_recist
@@ -80,6 +87,7 @@ __all__ = [
     "available_memory_bytes",
     "choose_chunk_size",
     "cohort_table",
+    "load_cohort_spec",
     "plot_trial",
     "run_trial",
     "sample_cohort",
@@ -253,58 +261,47 @@ class CohortSpec:
             raise ConfigError(f"{key}.seed", self.seed, "an integer >= 0")
 
 
-# Presets. Median TMB: Chalmers et al. 2017, Genome Med 9:34 (FoundationOne CGP,
-# ~100,000 samples; per-disease medians: skin melanoma ≈ 13.5, NSCLC ≈ 7–9
-# (adenocarcinoma ≈ 7.2, squamous ≈ 9.0), clear-cell RCC ≈ 1.8, colorectal
-# adenocarcinoma ≈ 3.6 mut/Mb; the colorectal median is dominated by MSS tumours).
-# These values were entered from the publication's summary and should be checked
-# against its per-disease table before any calibration. The log-normal σ and the
-# phenotype mixes are chosen (not fitted): σ ≈ 1 gives an interquartile ratio
-# e^{1.35σ} ≈ 4 as in the broad melanoma/NSCLC distributions, σ ≈ 0.6 the
-# narrower RCC/MSS-CRC ones. Phenotype mixes follow the qualitative ranking of
-# Chen & Mellman 2017 (Nature 541:321): melanoma mostly inflamed, RCC strongly
-# infiltrated despite low TMB, NSCLC mixed, MSS colorectal mostly cold.
-# P₀ ranges (constitutive PD-L1, before IFN-γ induction) are chosen around the
-# model default 0.15; NSCLC gets a wider range (oncogene-driven PD-L1).
-COHORT_PRESETS: Mapping[str, CohortSpec] = MappingProxyType(
-    {
-        "melanoma": CohortSpec(
-            name="melanoma",
-            tmb_median=13.5,
-            tmb_sigma=1.1,
-            phenotype_probabilities={"inflamed": 0.45, "excluded": 0.30, "desert": 0.25},
-            pdl1_baseline_range=(0.05, 0.35),
-            source="TMB median: Chalmers 2017 (skin melanoma); σ and phenotype mix chosen",
-        ),
-        "nsclc": CohortSpec(
-            name="nsclc",
-            tmb_median=8.0,
-            tmb_sigma=1.0,
-            phenotype_probabilities={"inflamed": 0.35, "excluded": 0.35, "desert": 0.30},
-            pdl1_baseline_range=(0.05, 0.50),
-            source="TMB median: Chalmers 2017 (NSCLC, between adenocarcinoma 7.2 and "
-            "squamous 9.0); "
-            "σ and phenotype mix chosen",
-        ),
-        "rcc": CohortSpec(
-            name="rcc",
-            tmb_median=1.8,
-            tmb_sigma=0.6,
-            phenotype_probabilities={"inflamed": 0.40, "excluded": 0.35, "desert": 0.25},
-            pdl1_baseline_range=(0.05, 0.30),
-            source="TMB median: Chalmers 2017 (clear-cell RCC); σ and phenotype mix chosen",
-        ),
-        "mss_colorectal": CohortSpec(
-            name="mss_colorectal",
-            tmb_median=3.6,
-            tmb_sigma=0.6,
-            phenotype_probabilities={"inflamed": 0.10, "excluded": 0.30, "desert": 0.60},
-            pdl1_baseline_range=(0.02, 0.20),
-            source="TMB median: Chalmers 2017 (colorectal adenocarcinoma, mostly MSS); "
-            "σ and phenotype mix chosen",
-        ),
-    }
-)
+#: Folder of the ``cohort`` config group: one YAML file per preset (their only definition).
+PRESET_DIR = Path(__file__).resolve().parent / "conf" / "cohort"
+
+
+def load_cohort_spec(path: str | os.PathLike, **changes: Any) -> CohortSpec:
+    """A :class:`CohortSpec` from a YAML file of the ``cohort`` config group (validated).
+
+    ``radius_um_range: null`` there means "from the lesion box" (the CLI draws
+    20–30 % of the box edge); here it falls back to :class:`CohortSpec`'s default.
+    Read with PyYAML (YAML 1.1): write numbers with a decimal point (``1.0e-3``),
+    as ``1e-3`` would be a string there (Hydra reads it as a number).
+    ``changes`` replace fields after reading. Errors name the field.
+    """
+    import yaml  # not OmegaConf: the core never imports Hydra's stack (DESIGN.md)
+
+    path = Path(path)
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(str(path), type(values).__name__, "a mapping of CohortSpec fields")
+    known = {field.name for field in dataclasses.fields(CohortSpec)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"cohort.{key}", values[key], f"fields among {', '.join(sorted(known))}")
+    values.update(changes)
+    for key in ("pdl1_baseline_range", "radius_um_range", "represented_diameter_mm_range"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    if values.get("radius_um_range", ()) is None:
+        del values["radius_um_range"]
+    return CohortSpec(**values)
+
+
+def _load_presets() -> Mapping[str, CohortSpec]:
+    presets = {path.stem: load_cohort_spec(path) for path in sorted(PRESET_DIR.glob("*.yaml"))}
+    return MappingProxyType(presets)
+
+
+#: The presets per cancer type (melanoma, nsclc, rcc, mss_colorectal), read from
+#: ``conf/cohort/*.yaml``; the sources of their numbers are in those files.
+COHORT_PRESETS: Mapping[str, CohortSpec] = _load_presets()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,6 +704,7 @@ def run_trial(
     splitting_order: int = 2,
     integrators: dict | None = None,
     merge_reactions: bool = False,
+    pad_lesions: bool = False,
 ) -> TrialResult:
     """Run every patient under every arm (paired) and score each patient-arm by RECIST 1.1.
 
@@ -734,9 +732,13 @@ def run_trial(
             (keyed by grid, lesion count and splitting order): pass the same dict to
             several trials (a dose or parameter sweep) and a group whose chunk shape was
             seen before runs without compiling again. None: fresh loops for this call.
+        pad_lesions: pad every patient to the largest lesion count of the cohort
+            (copies of its first lesion, unseen by the systemic compartment): one
+            group, one compile, more lesions computed (see the module docstring).
 
     Returns:
-        A :class:`TrialResult`; ``trace_counts`` holds one compile per lesion-count group.
+        A :class:`TrialResult`; ``trace_counts`` holds one compile per lesion-count group
+        (a single group, keyed by the largest lesion count, with ``pad_lesions``).
 
     Raises:
         ConfigError: bad settings, before anything compiles.
@@ -796,10 +798,13 @@ def run_trial(
     stops = np.unique(np.concatenate([records, *doses]))
     stops = stops[(stops > 0.0) & (stops <= end_h)]
 
+    largest_count = max(sample.n_lesions for sample in samples)
     groups: dict[int, list[tuple[int, int]]] = {}
     for p, sample in enumerate(samples):
         for a in range(len(arms)):
-            groups.setdefault(sample.n_lesions, []).append((a, p))
+            count = largest_count if pad_lesions else sample.n_lesions
+            groups.setdefault(count, []).append((a, p))
+    per_lesion_records = {name for name, _, per_lesion in TIMESERIES if per_lesion}
 
     outcomes: dict[str, list[PatientOutcome | None]] = {arm: [None] * len(samples) for arm in arms}
     histories: dict[str, list[dict[str, np.ndarray] | None]] = {
@@ -812,7 +817,7 @@ def run_trial(
     def build(member: tuple[int, int]):
         a, p = member
         sample = samples[p]
-        return setup_tme(
+        setup = setup_tme(
             grid,
             sample.lesion_specs(),
             therapy=arms[a],
@@ -824,6 +829,7 @@ def run_trial(
             dtype=dtype,
             key=f"cohort.patients[{sample.patient_id}].lesions",
         )
+        return pad_lesion_copies(setup, largest_count) if pad_lesions else setup
 
     for lesion_count in sorted(groups):
         members = groups[lesion_count]
@@ -895,6 +901,10 @@ def run_trial(
                     )
                     for name in record_names
                 }
+                # Padding copies (pad_lesions) come after the patient's own lesions.
+                own = samples[p].n_lesions
+                for name in per_lesion_records & history.keys():
+                    history[name] = history[name][:, :own]
                 arm = arms[a]
                 diameter = (
                     "longest_diameter_mm" if recist_uses[k] == "mask" else "burden_diameter_mm"
@@ -934,6 +944,7 @@ def run_trial(
             "safety": float(safety),
             "splitting_order": int(splitting_order),
             "merge_reactions": bool(merge_reactions),
+            "pad_lesions": bool(pad_lesions),
             "weight_kg": float(weight_kg),
             "record_interval_h": float(record_interval_h),
             "parameters": dict(parameters or {}),
@@ -1005,6 +1016,20 @@ def _rate_by(
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
+
+
+def _spread(result: TrialResult, arms: Sequence[str]) -> dict[str, float]:
+    """Min, median and max of the baseline PD-L1 over the cohort (first arm; the
+    baseline is the end of the untreated lead-in, the same in every arm)."""
+    values = np.asarray([o.baseline_pdl1 for o in result.outcomes[arms[0]]], dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {"min": math.nan, "median": math.nan, "max": math.nan}
+    return {
+        "min": float(np.min(values)),
+        "median": float(np.median(values)),
+        "max": float(np.max(values)),
+    }
 
 
 def summarize_trial(
@@ -1109,7 +1134,7 @@ def summarize_trial(
     phenotype = [s.lesions[s.largest_lesion].phenotype for s in samples]
     biomarkers: dict[str, Any] = {
         "tmb": {"cut": tmb_cut, "units": "mut/Mb", "arms": {}},
-        "pdl1": {"cut": pdl1_cut, "units": "1", "arms": {}},
+        "pdl1": {"cut": pdl1_cut, "units": "1", "arms": {}, "cohort": _spread(result, arms)},
         "phenotype": {"arms": {}},
         "baseline_class": {"arms": {}},
     }
@@ -1272,6 +1297,12 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
         "PD-L1-high: "
         f"largest lesion's tumour PD-L1 at baseline >= {biomarkers['pdl1']['cut']:g})"
     )
+    spread = biomarkers["pdl1"].get("cohort")
+    if spread and math.isfinite(spread["median"]):
+        lines.append(
+            f"  baseline PD-L1 in this cohort: {spread['min']:.3g} to {spread['max']:.3g} "
+            f"(median {spread['median']:.3g}); a cut outside that range leaves one group empty"
+        )
     for arm in result.arms:
         tmb = biomarkers["tmb"]["arms"][arm]
         pdl1 = biomarkers["pdl1"]["arms"][arm]
@@ -1289,7 +1320,8 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
         )
     lines.append("")
     lines.append(
-        "Immune-related adverse events (irAE-positive: max grade >= 2 of the irAE index proxy)"
+        f"Immune-related adverse events (irAE-positive: {summary['definitions']['irae_positive']} "
+        "of the irAE index proxy)"
     )
     for arm in result.arms:
         irae = summary["per_arm"][arm]["irae"]
@@ -1387,6 +1419,7 @@ def write_trial(
     *,
     cohort: CohortSpec | None = None,
     figures: bool = True,
+    attrs: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``cohort.h5``, ``patients.csv``, ``summary.csv``, ``report.txt`` and ``figures/``.
 
@@ -1397,7 +1430,9 @@ def write_trial(
     ``/arms/<arm>/sum_diameters_mm`` (patients, assessments) with ``/assessment_time_h``,
     ``/arms/<arm>/km/{time_h, survival, lower_95, upper_95}``, and
     ``/arms/<arm>/records/<patient_id>/<readout>`` (records[, lesions]) with
-    ``/record_time_h``. The summary is the root attribute ``summary`` (JSON).
+    ``/record_time_h``. The summary is the root attribute ``summary`` (JSON);
+    ``attrs`` (e.g. the composed configuration and the command-line overrides of
+    ``tmesolve-cohort``) become further root attributes (lists and mappings as JSON).
 
     Returns the written paths by name.
     """
@@ -1432,6 +1467,9 @@ def write_trial(
         handle.attrs["settings"] = json.dumps(result.settings, default=str)
         handle.attrs["trace_counts"] = json.dumps(result.trace_counts)
         handle.attrs["summary"] = json.dumps(summary, default=str)
+        for key, value in (attrs or {}).items():
+            plain = isinstance(value, (str, int, float, np.integer, np.floating))
+            handle.attrs[key] = value if plain else json.dumps(value, default=str)
         _dataset(handle, "record_time_h", result.record_times_h, "h", "time of each readout record")
         _dataset(
             handle, "assessment_time_h", result.assessment_times_h, "h", "RECIST assessment times"

@@ -1,290 +1,321 @@
 """``tmesolve-cohort``: sample a virtual cohort, run a paired trial, write files and figures.
 
-    tmesolve-cohort --preset melanoma --patients 8 \\
-        --arms ipilimumab,nivolumab,nivolumab_ipilimumab \\
-        --grid 8 --spacing-um 80 --weeks 24 --out cohort_out --seed 0
+A Hydra app (``conf/cohort_app.yaml``; config group ``cohort`` holds the
+presets per cancer type)::
 
-writes ``cohort_out/{cohort.h5, patients.csv, summary.csv, report.txt, figures/}``
-(see :func:`tmesolve.cohort.write_trial`). Plain argparse, no Hydra: a cohort
-is one command, not a configuration tree.
+    tmesolve-cohort cohort=melanoma cohort.n_patients=8 \\
+        trial.arms=[ipilimumab,nivolumab,nivolumab_ipilimumab] \\
+        grid.voxels=8 grid.spacing_um=80 trial.weeks=24 hydra.run.dir=cohort_out
+    tmesolve-cohort -m cohort=melanoma,nsclc params.k_kill=0.2,0.3   # a sweep of trials
+    tmesolve-cohort --cfg job                                          # the resolved config
 
-Each lesion box has ``--grid``³ voxels of ``--spacing-um``; the simulated
-lesion radius is drawn from 20–30 % of the box edge (``--radius-um`` overrides),
-so the lesion fits with room to grow whatever the grid; the clinical size is the
-preset's represented diameter (10–40 mm, sub-volume mode).
+writes ``cohort.h5``, ``patients.csv``, ``summary.csv``, ``report.txt`` and
+``figures/`` (see :func:`tmesolve.cohort.write_trial`) into the run directory,
+beside Hydra's ``.hydra/`` record and ``tmesolve-cohort.log``. ``cohort.h5``
+also holds the composed configuration and the overrides (root attributes
+``config`` and ``overrides``).
 
-Errors: bad input prints ONE line on stderr and exits 2 (before anything
-compiles); a failed run prints one line and exits 1; ``TMESOLVE_DEBUG=1``
-shows the traceback instead.
+Each lesion box has ``grid.voxels``³ voxels of ``grid.spacing_um``; the
+simulated lesion radius is drawn from 20–30 % of the box edge unless
+``cohort.radius_um_range`` is set, so the lesion fits with room to grow
+whatever the grid; the clinical size is the preset's represented diameter
+(10–40 mm, sub-volume mode).
+
+Errors: bad input prints ONE line on stderr, ``tmesolve-cohort: <key>: got
+<value>; expected <what>``, and exits 2 before anything compiles or any trial
+file (``.hydra/`` included) is written; a failed run prints one line and exits 1;
+``TMESOLVE_DEBUG=1`` shows the traceback instead. Trial files of an earlier
+run in the same directory are never replaced unless ``output.overwrite=true``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import importlib.util
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tmesolve.errors import ConfigError
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from tmesolve import cli
+from tmesolve import config as configuration
+from tmesolve.errors import ConfigError, check_positive, check_range
 
 PROG = "tmesolve-cohort"
-EXIT_CONFIG_ERROR = 2
-EXIT_RUN_FAILED = 1
-EXIT_INTERRUPTED = 130
+EXIT_CONFIG_ERROR = cli.EXIT_CONFIG_ERROR
+EXIT_RUN_FAILED = cli.EXIT_RUN_FAILED
+EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
 
 #: Simulated radius as a fraction of the box edge (the scenario tests use 0.3; the
 #: tumour then needs weeks to reach the wall).
 RADIUS_FRACTION = (0.2, 0.3)
+#: Voxels per side of a lesion box.
+VOXELS_RANGE = (4, 256)
+#: What a run writes into its directory (an earlier run's are kept unless output.overwrite).
+TRIAL_FILES = ("cohort.h5", "patients.csv", "summary.csv", "report.txt", "figures")
+#: Hydra's own command-line flags; any other ``-x``/``--x`` is refused in one line.
+_HYDRA_FLAGS = frozenset(
+    {
+        "-h",
+        "--help",
+        "--hydra-help",
+        "--version",
+        "-c",
+        "--cfg",
+        "--resolve",
+        "-p",
+        "--package",
+        "-i",
+        "--info",
+        "-m",
+        "--multirun",
+        "-cp",
+        "--config-path",
+        "-cn",
+        "--config-name",
+        "-cd",
+        "--config-dir",
+        "-sc",
+        "--shell-completion",
+        "--experimental-rerun",
+        "-v",
+        "--verbose",
+    }
+)
 
-
-class _UsageError(Exception):
-    """argparse's complaint, reported as one line instead of usage + message."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG,
-        description="Sample a virtual cohort and run it under several therapy arms "
-        "(the same patients in every arm).",
-    )
-    parser.add_argument(
-        "--preset", default="melanoma", help="cohort preset (melanoma, nsclc, rcc, mss_colorectal)"
-    )
-    parser.add_argument(
-        "--patients", type=int, default=None, help="number of patients (default: the preset's)"
-    )
-    parser.add_argument(
-        "--arms", default="nivolumab", help="comma-separated regimens, e.g. ipilimumab,nivolumab"
-    )
-    parser.add_argument("--grid", type=int, default=8, help="voxels per side of each lesion box")
-    parser.add_argument("--spacing-um", type=float, default=80.0, help="voxel edge (µm)")
-    parser.add_argument("--weeks", type=float, default=24.0, help="weeks on therapy")
-    parser.add_argument(
-        "--lead-in-weeks", type=float, default=2.0, help="untreated weeks before therapy"
-    )
-    parser.add_argument(
-        "--assessment-weeks", type=float, default=6.0, help="weeks between RECIST scans"
-    )
-    parser.add_argument("--lesions", default=None, help="MIN,MAX target lesions per patient (1-5)")
-    parser.add_argument("--radius-um", default=None, help="LOW,HIGH simulated lesion radius (µm)")
-    parser.add_argument(
-        "--durable-cr-weeks",
-        type=float,
-        default=5 * 365.25 / 7,
-        help="a CR held this long is durable (default 5 years)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="sampling seed (default: the preset's)"
-    )
-    parser.add_argument(
-        "--chunk-size",
-        type=int,
-        default=None,
-        help="patient-arms advanced together (default: from free memory)",
-    )
-    parser.add_argument("--dt-max", type=float, default=1.0, help="largest time step (h)")
-    parser.add_argument("--float64", action="store_true", help="run in float64")
-    parser.add_argument(
-        "--merge-reactions",
-        action="store_true",
-        help="merge the reaction halves of neighbouring Strang steps (one reaction "
-        "evaluation per step: faster, a different second-order scheme)",
-    )
-    parser.add_argument("--out", default="cohort_out", help="output directory (new or empty)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="write into an existing non-empty directory"
-    )
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return parser
-
-
-def _pair(key: str, text: str, cast=float) -> tuple[Any, Any]:
-    parts = [part.strip() for part in str(text).split(",")]
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        return cast(parts[0]), cast(parts[1])
-    except ValueError:
-        raise ConfigError(key, text, "two comma-separated numbers LOW,HIGH") from None
+log = logging.getLogger("tmesolve.cohort")
+#: The trial's results (rates, files): reported also when output.progress is false.
+results_log = logging.getLogger("tmesolve.cohort.results")
 
 
 @dataclasses.dataclass
-class _Plan:
-    spec: Any
+class TrialPlan:
+    """Everything a trial run needs, validated (what :func:`plan_trial` returns)."""
+
+    spec: Any  # tmesolve.cohort.CohortSpec
     arms: list[str]
-    grid: Any
-    out: Path
-    options: dict[str, Any]
+    grid: Any  # tmesolve.grid.Grid
+    options: dict[str, Any]  # keyword arguments of tmesolve.cohort.run_trial
+    cuts: dict[str, Any]  # keyword arguments of tmesolve.cohort.summarize_trial
+    duration_h: float
+    float64: bool
     figures: bool
+    overwrite: bool
+    progress: bool
+    compilation_cache_dir: str | None
 
 
-def _plan(args: argparse.Namespace) -> _Plan:
-    """Validate every option (one-line ConfigError naming the option) before anything runs."""
-    from tmesolve.cohort import COHORT_PRESETS
+def _pair(key: str, value: Any) -> tuple[float, float]:
+    try:
+        low, high = (float(item) for item in value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, value, "a pair [LOW, HIGH] of numbers") from None
+    return low, high
+
+
+def plan_trial(cfg: DictConfig) -> TrialPlan:
+    """Validate every setting of the cohort app (one-line ConfigError naming the key).
+
+    Nothing is compiled or written here.
+    """
+    from tmesolve.cohort import CohortSpec
     from tmesolve.grid import Grid
+    from tmesolve.model.parameters import validate_overrides
     from tmesolve.therapy.regimens import REGIMENS
 
-    if args.preset not in COHORT_PRESETS:
-        raise ConfigError("--preset", args.preset, f"one of {', '.join(COHORT_PRESETS)}")
-    preset = COHORT_PRESETS[args.preset]
-    patients = preset.n_patients if args.patients is None else args.patients
-    if patients < 1:
-        raise ConfigError("--patients", patients, "an integer >= 1")
-    arms = [arm.strip() for arm in str(args.arms).split(",") if arm.strip()]
+    if importlib.util.find_spec("lifelines") is None:
+        # Checked first: the summary needs it, and it comes after the simulation.
+        raise ConfigError(
+            "lifelines",
+            "not installed",
+            "pip install 'tmesolve[analysis]' (Kaplan–Meier and log-rank of the trial summary)",
+        )
+    trial = cfg.trial
+    arms = [str(arm).strip() for arm in trial.arms]
     if not arms:
-        raise ConfigError("--arms", args.arms, "at least one regimen")
+        raise ConfigError("trial.arms", list(trial.arms), "at least one regimen")
     for arm in arms:
         if arm not in REGIMENS:
-            raise ConfigError("--arms", arm, f"regimens among {', '.join(REGIMENS)}")
+            raise ConfigError("trial.arms", arm, f"regimens among {', '.join(REGIMENS)}")
     if len(set(arms)) != len(arms):
-        raise ConfigError("--arms", args.arms, "distinct regimens")
-    if not 4 <= args.grid <= 256:
-        raise ConfigError("--grid", args.grid, "an integer in [4, 256] (voxels per side)")
-    if not args.spacing_um > 0:
-        raise ConfigError("--spacing-um", args.spacing_um, "a voxel edge > 0 µm")
-    for name in ("weeks", "assessment_weeks", "durable_cr_weeks", "dt_max"):
-        if not getattr(args, name) > 0:
-            raise ConfigError(f"--{name.replace('_', '-')}", getattr(args, name), "a number > 0")
-    if not args.lead_in_weeks >= 0:
-        raise ConfigError("--lead-in-weeks", args.lead_in_weeks, "a number >= 0")
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise ConfigError("--chunk-size", args.chunk_size, "an integer >= 1")
-    box_um = args.grid * args.spacing_um
-    radius = (
-        (RADIUS_FRACTION[0] * box_um, RADIUS_FRACTION[1] * box_um)
-        if args.radius_um is None
-        else _pair("--radius-um", args.radius_um)
-    )
-    if not 0 < radius[0] <= radius[1] < 0.5 * box_um:
+        raise ConfigError("trial.arms", arms, "distinct regimens")
+    voxels = cfg.grid.voxels
+    if not VOXELS_RANGE[0] <= voxels <= VOXELS_RANGE[1]:
         raise ConfigError(
-            "--radius-um", args.radius_um, f"0 < LOW <= HIGH < half the box ({0.5 * box_um:g} µm)"
+            "grid.voxels", voxels, f"an integer in [{VOXELS_RANGE[0]}, {VOXELS_RANGE[1]}]"
         )
-    lesions = (
-        (preset.lesions_min, preset.lesions_max)
-        if args.lesions is None
-        else _pair("--lesions", args.lesions, int)
-    )
-    if not 1 <= lesions[0] <= lesions[1] <= 5:
-        raise ConfigError("--lesions", args.lesions, "MIN,MAX with 1 <= MIN <= MAX <= 5")
-    seed = preset.seed if args.seed is None else args.seed
-    if seed < 0:
-        raise ConfigError("--seed", seed, "an integer >= 0")
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out", str(out), "a directory (this is a file)")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError("--out", str(out), "a new or empty directory (or pass --overwrite)")
-
-    spec = dataclasses.replace(
-        preset,
-        n_patients=patients,
-        lesions_min=lesions[0],
-        lesions_max=lesions[1],
-        radius_um_range=radius,
-        seed=seed,
-    )
-    week = 7 * 24.0
-    options = {
-        "duration_h": args.weeks * week,
-        "lead_in_h": args.lead_in_weeks * week,
-        "assessment_interval_h": args.assessment_weeks * week,
-        "durable_cr_h": args.durable_cr_weeks * week,
-        "chunk_size": args.chunk_size,
-        "dt_max": args.dt_max,
-        "float64": args.float64,
-        "merge_reactions": args.merge_reactions,
+    spacing_um = check_positive("grid.spacing_um", cfg.grid.spacing_um)
+    weeks = {
+        name: check_positive(f"trial.{name}", trial[name])
+        for name in ("weeks", "assessment_weeks", "durable_cr_weeks")
     }
-    return _Plan(
+    lead_in_weeks = check_range("trial.lead_in_weeks", trial.lead_in_weeks, 0.0, 520.0)
+    weight_kg = check_range("trial.weight_kg", trial.weight_kg, 1.0, 500.0)
+    solver = cfg.solver
+    dt_max_h = check_positive("solver.dt_max_h", solver.dt_max_h)
+    if solver.dtype not in configuration.DTYPES:
+        raise ConfigError("solver.dtype", solver.dtype, f"one of {', '.join(configuration.DTYPES)}")
+    if solver.chunk_size is not None and solver.chunk_size < 1:
+        raise ConfigError("solver.chunk_size", solver.chunk_size, "an integer >= 1, or null")
+    parameters = validate_overrides(OmegaConf.to_container(cfg.params, resolve=True), "params")
+
+    values = OmegaConf.to_container(cfg.cohort, resolve=True)
+    box_um = voxels * spacing_um
+    if values.get("radius_um_range") is None:
+        values["radius_um_range"] = (RADIUS_FRACTION[0] * box_um, RADIUS_FRACTION[1] * box_um)
+    for key in ("pdl1_baseline_range", "radius_um_range", "represented_diameter_mm_range"):
+        if values.get(key) is not None:
+            values[key] = _pair(f"cohort.{key}", values[key])
+    spec = CohortSpec(**values)
+    low, high = spec.radius_um_range
+    if not high < 0.5 * box_um:
+        raise ConfigError(
+            "cohort.radius_um_range",
+            list(spec.radius_um_range),
+            f"radii below half the lesion box ({0.5 * box_um:g} µm = grid.voxels × "
+            "grid.spacing_um / 2)",
+        )
+    week_h = 7 * 24.0
+    options = {
+        "lead_in_h": lead_in_weeks * week_h,
+        "assessment_interval_h": weeks["assessment_weeks"] * week_h,
+        "durable_cr_h": weeks["durable_cr_weeks"] * week_h,
+        "chunk_size": solver.chunk_size,
+        "dt_max": dt_max_h,
+        "merge_reactions": bool(solver.merge_reactions),
+        "pad_lesions": bool(solver.pad_lesions),
+        "parameters": parameters,
+        "weight_kg": weight_kg,
+    }
+    markers = cfg.biomarkers
+    cuts = {
+        "tmb_cut": check_range("biomarkers.tmb_high", markers.tmb_high, 0.0, 1000.0),
+        "pdl1_cut": check_range("biomarkers.pdl1_high", markers.pdl1_high, 0.0, 1.0),
+        "irae_grade": int(check_range("biomarkers.irae_grade", markers.irae_grade, 1, 4)),
+    }
+    output = cfg.output
+    return TrialPlan(
         spec=spec,
         arms=arms,
-        grid=Grid((args.grid,) * 3, args.spacing_um),
-        out=out,
+        grid=Grid((voxels,) * 3, spacing_um),
         options=options,
-        figures=not args.no_figures,
+        cuts=cuts,
+        duration_h=weeks["weeks"] * week_h,
+        float64=solver.dtype == "float64",
+        figures=bool(output.figures),
+        overwrite=bool(output.overwrite),
+        progress=bool(output.progress),
+        compilation_cache_dir=output.compilation_cache_dir,
     )
 
 
-def _run(plan: _Plan) -> int:
-    import jax
+def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier run's trial files unless ``output.overwrite``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("hydra.run.dir", str(run_dir), "a directory (this is a file)")
+    found = [name for name in TRIAL_FILES if (run_dir / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(
+            "output.overwrite",
+            False,
+            f"true to replace the trial files in {run_dir} ({', '.join(found)}), "
+            "or another hydra.run.dir",
+        )
+
+
+def _write_hydra_record(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """``.hydra/config.yaml`` and ``overrides.yaml`` (what ``tmesolve-summary`` reads).
+
+    Written here, after :func:`_check_run_dir`, instead of by Hydra before the
+    task starts (``hydra.output_subdir: null``), so that a refused run leaves
+    an earlier trial's record as it was.
+    """
+    record = run_dir / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    (record / "config.yaml").write_text(configuration.to_yaml(cfg), encoding="utf-8")
+    (record / "overrides.yaml").write_text(
+        OmegaConf.to_yaml(OmegaConf.create(list(overrides))), encoding="utf-8"
+    )
+
+
+def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Validate ``cfg``, run the trial and write its files into ``run_dir``; returns the summary."""
+    run_dir = Path(run_dir)
+    plan = plan_trial(cfg)
+    _check_run_dir(run_dir, plan.overwrite)
+    # Progress lines go with output.progress; the results are always reported.
+    logging.getLogger("tmesolve").setLevel(logging.INFO if plan.progress else logging.WARNING)
+    results_log.setLevel(logging.INFO)
+
     import jax.numpy as jnp
 
-    from tmesolve import cohort
+    from tmesolve import cohort, simulation
 
-    options = dict(plan.options)
-    if options.pop("float64"):
-        jax.config.update("jax_enable_x64", True)
-        dtype = jnp.float64
-    else:
-        dtype = jnp.float32
+    attrs = simulation.provenance(configuration.to_yaml(cfg), overrides, plan.spec.seed)
+    _write_hydra_record(run_dir, cfg, overrides)
+    simulation.configure_precision("float64" if plan.float64 else "float32")
+    dtype = jnp.float64 if plan.float64 else jnp.float32
+    cache = simulation.configure_compilation_cache(plan.compilation_cache_dir, log)
+    if cache:
+        log.info("persistent compilation cache: %s", cache)
     samples = cohort.sample_cohort(plan.spec)
-    duration_h = options.pop("duration_h")
-    result = cohort.run_trial(samples, plan.arms, plan.grid, duration_h, dtype=dtype, **options)
-    summary = cohort.summarize_trial(result)
-    paths = cohort.write_trial(result, summary, plan.out, cohort=plan.spec, figures=plan.figures)
+    result = cohort.run_trial(
+        samples, plan.arms, plan.grid, plan.duration_h, dtype=dtype, **plan.options
+    )
+    summary = cohort.summarize_trial(result, **plan.cuts)
+    paths = cohort.write_trial(
+        result, summary, run_dir, cohort=plan.spec, figures=plan.figures, attrs=attrs
+    )
     for arm in result.arms:
         orr = summary["per_arm"][arm]["orr"]
-        print(
-            f"{arm}: ORR {100 * orr['rate']:.1f} % "
-            f"({100 * orr['lower_95']:.1f}-{100 * orr['upper_95']:.1f}), "
-            f"{orr['count']}/{orr['n']}"
+        results_log.info(
+            "%s: ORR %.1f %% (%.1f-%.1f), %d/%d",
+            arm,
+            100 * orr["rate"],
+            100 * orr["lower_95"],
+            100 * orr["upper_95"],
+            orr["count"],
+            orr["n"],
         )
     if summary["logrank"]["test"] != "none":
-        print(f"log-rank p = {summary['logrank']['p_value']:.3g}")
-    print("model outputs of an uncalibrated virtual cohort; written to " + str(plan.out))
+        results_log.info("log-rank p = %.3g", summary["logrank"]["p_value"])
+    results_log.info("model outputs of an uncalibrated virtual cohort; files in %s:", run_dir)
     for path in paths.values():
-        print(path)
-    return 0
+        results_log.info("  %s", path)
+    return summary
+
+
+@hydra.main(
+    config_path=str(configuration.config_dir()), config_name="cohort_app", version_base="1.3"
+)
+def _hydra_task(cfg: DictConfig) -> dict[str, Any]:
+    """The Hydra task: one trial (a single run or one job of a sweep)."""
+    return cli.run_job(execute, cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tmesolve-cohort`` console script; returns the exit status."""
-    debug = os.environ.get("TMESOLVE_DEBUG", "") not in ("", "0")
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        plan = _plan(args)
-    except SystemExit as stop:  # --help
-        return int(stop.code or 0)
-    except (_UsageError, ConfigError) as error:
-        if debug:
-            raise
-        print(f"{PROG}: {str(error).splitlines()[0]}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    if not args.quiet:
-        logger = logging.getLogger("tmesolve")
-        if not logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    try:
-        return _run(plan)
-    except ConfigError as error:
-        if debug:
-            raise
-        print(f"{PROG}: {str(error).splitlines()[0]}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:  # noqa: BLE001 - one line for any failure; TMESOLVE_DEBUG shows it all
-        if debug:
-            raise
-        message = str(error).splitlines()[0] if str(error) else ""
-        print(f"{PROG}: run failed: {type(error).__name__}: {message}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for item in argv:
+        flag = item.split("=", 1)[0]
+        if flag.startswith("-") and flag not in _HYDRA_FLAGS:
+            print(
+                f"{PROG}: {flag}: got an option; expected Hydra overrides such as "
+                "cohort=melanoma cohort.n_patients=8 trial.arms=[nivolumab] "
+                "hydra.run.dir=cohort_out (see tmesolve-cohort --help)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG_ERROR
+    argv = configuration.normalise_overrides(argv, cohort=True)
+    return cli.run_hydra_app(_hydra_task, argv, prog=PROG, prefix=f"{PROG}: ")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Dispatch to the imported module, so that launchers pickle the task by its importable name.
+    from tmesolve import cohort_cli as _cohort_cli
+
+    sys.exit(_cohort_cli.main())

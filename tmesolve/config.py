@@ -113,6 +113,8 @@ RUN_CONTROL_KEYS = (
 #: Open mappings whose keys are not known to the schema: an override of one of
 #: their entries gets Hydra's ``++`` (add or replace) prefix automatically.
 _OPEN_MAPPING_KEY = re.compile(r"^(tme\.params|patient\.lesions\.\d+\.params)\.[^=]+=")
+#: The same for the cohort app (``params.<symbol>=...``).
+_OPEN_COHORT_MAPPING_KEY = re.compile(r"^params\.[^=]+=")
 
 
 # ---------------------------------------------------------------------------
@@ -253,12 +255,118 @@ class RunConf:
     resume: Any = "auto"
 
 
+# ---------------------------------------------------------------------------
+# Hydra schema of the cohort app (conf/cohort_app.yaml, ``tmesolve-cohort``)
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CohortConf:
+    """``cohort``: how to draw the virtual patients (fields of ``tmesolve.cohort.CohortSpec``).
+
+    The presets per cancer type are the files of ``conf/cohort/``.
+    """
+
+    name: str = "custom"
+    n_patients: int = 20
+    lesions_min: int = 1
+    lesions_max: int = 3
+    phenotype_probabilities: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"inflamed": 1 / 3, "excluded": 1 / 3, "desert": 1 / 3}
+    )
+    tmb_median: float = 8.0
+    tmb_sigma: float = 1.0
+    tmb_lesion_sigma: float = 0.25
+    pdl1_baseline_range: Any = dataclasses.field(default_factory=lambda: [0.05, 0.4])
+    #: null: 20–30 % of the lesion box edge (grid.voxels × grid.spacing_um).
+    radius_um_range: Any = None
+    #: null: whole-lesion mode (RECIST on the thresholded mask).
+    represented_diameter_mm_range: Any = dataclasses.field(default_factory=lambda: [10.0, 40.0])
+    seed: int = 0
+    source: str = ""
+
+
+@dataclasses.dataclass
+class TrialConf:
+    """``trial``: the arms (regimen names; the same patients in each) and the schedule (weeks)."""
+
+    arms: list[str] = dataclasses.field(default_factory=lambda: ["nivolumab"])
+    weeks: float = 24.0
+    lead_in_weeks: float = 2.0
+    assessment_weeks: float = 6.0
+    durable_cr_weeks: float = 5 * 365.25 / 7
+    weight_kg: float = 75.0
+
+
+@dataclasses.dataclass
+class CohortGridConf:
+    """``grid`` of the cohort app: every lesion box is ``voxels``³ voxels of ``spacing_um``."""
+
+    voxels: int = 8
+    spacing_um: float = 80.0
+
+
+@dataclasses.dataclass
+class CohortSolverConf:
+    """``solver`` of the cohort app."""
+
+    dt_max_h: float = 1.0
+    dtype: str = "float32"
+    merge_reactions: bool = False
+    #: patient-arms advanced together; null: chosen from the free memory.
+    chunk_size: int | None = None
+    #: pad every patient to the cohort's largest lesion count: one compile for the
+    #: whole cohort, more lesions computed (false: one compile per lesion count).
+    pad_lesions: bool = False
+
+
+@dataclasses.dataclass
+class CohortOutputConf:
+    """``output`` of the cohort app (files go to the Hydra run directory)."""
+
+    figures: bool = True
+    #: replace the trial files of an earlier run in the same directory.
+    overwrite: bool = False
+    progress: bool = True
+    compilation_cache_dir: str | None = "${oc.env:TMESOLVE_CACHE_DIR,'~/.cache/tmesolve/jax'}"
+
+
+@dataclasses.dataclass
+class BiomarkerConf:
+    """``biomarkers``: the cuts of the trial summary's subgroup tables."""
+
+    #: TMB-high: patient TMB >= this (mut/Mb; 10 is the KEYNOTE-158 cut).
+    tmb_high: float = 10.0
+    #: PD-L1-high: mean tumour PD-L1 of the largest lesion at baseline >= this (0–1).
+    pdl1_high: float = 0.5
+    #: irAE-positive: largest irAE grade over the run >= this (1–4).
+    irae_grade: int = 2
+
+
+@dataclasses.dataclass
+class CohortAppConf:
+    """The cohort app's configuration (``conf/cohort_app.yaml`` composes onto this)."""
+
+    cohort: CohortConf = dataclasses.field(default_factory=CohortConf)
+    trial: TrialConf = dataclasses.field(default_factory=TrialConf)
+    grid: CohortGridConf = dataclasses.field(default_factory=CohortGridConf)
+    #: global parameter overrides for every patient (symbol -> number or "value unit").
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    biomarkers: BiomarkerConf = dataclasses.field(default_factory=BiomarkerConf)
+    solver: CohortSolverConf = dataclasses.field(default_factory=CohortSolverConf)
+    output: CohortOutputConf = dataclasses.field(default_factory=CohortOutputConf)
+
+
+COHORT_SCHEMA_NAME = "cohort_app_schema"
+
 SCHEMA_NAME = "tmesolve_schema"
 
 
 def register_configs() -> None:
-    """Register the schema of ``conf/config.yaml`` in Hydra's ConfigStore."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConf, provider="tmesolve")
+    """Register the schemas of ``conf/config.yaml`` and ``conf/cohort_app.yaml`` in Hydra's ConfigStore."""
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=RunConf, provider="tmesolve")
+    store.store(name=COHORT_SCHEMA_NAME, node=CohortAppConf, provider="tmesolve")
 
 
 #: conf/hydra/launcher/submitit_slurm.yaml shadows the plugin's config of that
@@ -286,14 +394,16 @@ def config_dir() -> Path:
     )
 
 
-def normalise_overrides(overrides: Sequence[str]) -> list[str]:
+def normalise_overrides(overrides: Sequence[str], *, cohort: bool = False) -> list[str]:
     """Command-line overrides with ``++`` added to entries of the open parameter mappings.
 
     ``tme.params.D_T=300`` sets a parameter that the preset does not list;
     plain Hydra would demand ``+tme.params.D_T=300``. Parameter symbols are
-    checked later against the parameter table, so nothing is lost.
+    checked later against the parameter table, so nothing is lost. With
+    ``cohort=True`` the open mapping is the cohort app's ``params``.
     """
-    return [f"++{item}" if _OPEN_MAPPING_KEY.match(item) else item for item in overrides]
+    pattern = _OPEN_COHORT_MAPPING_KEY if cohort else _OPEN_MAPPING_KEY
+    return [f"++{item}" if pattern.match(item) else item for item in overrides]
 
 
 # ---------------------------------------------------------------------------
@@ -928,6 +1038,7 @@ def describe_error(error: BaseException) -> tuple[str, bool]:
 
 
 __all__ = [
+    "COHORT_SCHEMA_NAME",
     "DTYPES",
     "MAX_AXIS_CELLS",
     "MAX_LESIONS",
@@ -935,6 +1046,7 @@ __all__ = [
     "RESUME_MODES",
     "RUN_CONTROL_KEYS",
     "VERIFICATION_KINDS",
+    "CohortAppConf",
     "ExperimentConfig",
     "GridConfig",
     "LesionConfig",

@@ -9,6 +9,7 @@ Run it to print the convergence series quoted in docs/model.md:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import jax
@@ -57,9 +58,7 @@ def well_mixed_errors(dts, t_end_h: float = T_END_H) -> tuple[list[str], dict[fl
     fields = np.broadcast_to(centre[:, :, None, None, None], (len(SPECIES), 1, *grid.shape)).copy()
     state = initial_state(model, fields, aux=setup.state.aux, dtype=jnp.float64)
     # volume_scale 1: the box is the whole (uniform) lesion.
-    params = type(params)(model=params.model, schedule=params.schedule, volume_scale=jnp.ones(1),
-                          baseline_burden=params.baseline_burden, baseline_diameter_mm=params.baseline_diameter_mm,
-                          host_vessels=params.host_vessels)
+    params = dataclasses.replace(params, volume_scale=jnp.ones(1, jnp.float64))
     integrator = Integrator(model)
     runs = {}
     for dt in dts:

@@ -126,6 +126,10 @@ class TMEParams:
         baseline_burden: (lesions,) simulated viable cells at t = 0 (cells).
         baseline_diameter_mm: (lesions,) represented baseline diameter d₀ (mm).
         host_vessels: (lesions,) vessel density carried in with host tissue at the walls.
+        lesion_weight: (lesions,) 1 for the patient's lesions; 0 for a copy that only
+            pads a batch to a common lesion count (:func:`~tmesolve.model.tme_setup.pad_lesions`):
+            it sheds no antigen to the lymph node and takes no effectors from blood,
+            so the patient's systemic compartment sees its own lesions alone.
     """
 
     model: ModelParams
@@ -134,6 +138,7 @@ class TMEParams:
     baseline_burden: jax.Array
     baseline_diameter_mm: jax.Array
     host_vessels: jax.Array
+    lesion_weight: jax.Array
 
 
 @pytree_dataclass
@@ -213,6 +218,12 @@ class TMEModel(Model):
         self.oxygen_basis = Eigenbasis(grid, FaceBoundary(), "second_order")
         self.margin_cells = max(1, int(round(0.5 * margin_width_um / grid.spacing_um)))
         self.moving_block = self._moving_block()
+
+    def with_lesions(self, lesions: int) -> TMEModel:
+        """The same model for ``lesions`` lesion boxes (nothing else depends on the count)."""
+        model = copy.copy(self)
+        model.lesions = lesions
+        return model
 
     # --- helpers -----------------------------------------------------------
     def _unstack(self, fields: jax.Array) -> dict[str, jax.Array]:
@@ -383,8 +394,11 @@ class TMEModel(Model):
         entry = extras["extravasation"]
         lesion_entry = jnp.sum(entry * lesion_part, axis=(1, 2, 3)) * voxel_mm3
         host_entry = jnp.sum(entry * (1.0 - lesion_part), axis=(1, 2, 3)) * voxel_mm3
-        return SystemicInputs(antigen_flux=jnp.sum(per_lesion_antigen * scale),
-                              extravasation=jnp.sum(lesion_entry * scale + host_entry))
+        # Padding copies weigh 0; the patient's lesions weigh exactly 1 (x·1 = x in
+        # floating point), so a padded patient's fluxes equal its unpadded ones.
+        weight = params.lesion_weight
+        return SystemicInputs(antigen_flux=jnp.sum(per_lesion_antigen * scale * weight),
+                              extravasation=jnp.sum((lesion_entry * scale + host_entry) * weight))
 
     def react(self, state: State, params: TMEParams, dt: jax.Array) -> State:
         """Local terms, oxygen with its diffusion, and the systemic compartment over dt,

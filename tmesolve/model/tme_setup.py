@@ -19,7 +19,7 @@ from tmesolve.geometry import DEFAULT_TMB, PHENOTYPE_PRESETS, PHENOTYPES, build_
 from tmesolve.grid import Grid
 from tmesolve.integrate import initial_state
 from tmesolve.model.base import State
-from tmesolve.model.parameters import make_params
+from tmesolve.model.parameters import PARAMETERS, ModelParams, make_params
 from tmesolve.model.systemic import initial_systemic
 from tmesolve.model.tme import SPECIES, TMEAux, TMEModel, TMEParams
 from tmesolve.therapy.regimens import build_schedule, event_times
@@ -155,7 +155,8 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
                        volume_scale=jnp.asarray(volume_scale, dtype),
                        baseline_burden=jnp.asarray(simulated_burden, dtype),
                        baseline_diameter_mm=jnp.asarray(baseline_diameter, dtype),
-                       host_vessels=jnp.asarray(host_vessels, dtype))
+                       host_vessels=jnp.asarray(host_vessels, dtype),
+                       lesion_weight=jnp.ones(len(lesions), dtype))
 
     model = TMEModel(grid, lesions=len(lesions), margin_width_um=margin_width_um, tissue_velocity=tissue_velocity)
     shape = (len(lesions), *grid.shape)
@@ -284,6 +285,61 @@ def build_tme_simulation(config):
         fields=select_fields(setup.model, config.output.fields), maps=maps,
         timeseries=list(TIMESERIES), systemic=list(SYSTEMIC),
         finish=tme_finish(setup.recist_uses, names, baseline_h=therapy.start_h), seed=config.seed)
+
+
+def pad_lesions(setup: TMESetup, lesions: int) -> TMESetup:
+    """The patient of ``setup`` with copies of its first lesion appended up to ``lesions``.
+
+    The copies carry ``lesion_weight`` 0, so the systemic compartment does not
+    see them (:meth:`TMEModel._systemic_inputs`), and the patient's mean TMB as
+    their TMB, so the priming factor τ(mean TMB) is unchanged; since a lesion's own
+    dynamics depend only on its fields and the shared systemic state, each copy
+    evolves exactly as the first lesion does, and so leaves the patient's
+    stable time step unchanged. A batch of patients with different lesion
+    counts then shares one lesion count: one compile for the whole cohort,
+    at the cost of computing the copies. Their readouts are to be dropped
+    (the first ``setup.model.lesions`` entries are the patient's).
+
+    Raises:
+        ConfigError: ``lesions`` below the patient's count or above MAX_LESIONS.
+    """
+    count = setup.model.lesions
+    if isinstance(lesions, bool) or not isinstance(lesions, (int, np.integer)) or not count <= lesions <= MAX_LESIONS:
+        raise ConfigError("lesions", lesions, f"an integer in [{count}, {MAX_LESIONS}] (the patient has {count})")
+    if lesions == count:
+        return setup
+    rows = np.concatenate([np.arange(count), np.zeros(lesions - count, dtype=int)])
+
+    def take(leaf, axis: int = 0):
+        return jnp.take(jnp.asarray(leaf), rows, axis=axis)
+
+    per_lesion = {p.symbol for p in PARAMETERS if p.per_lesion}
+    values = {symbol: take(value) if symbol in per_lesion else value
+              for symbol, value in setup.params.model.values.items()}
+    # The lesions' TMB enters the systemic priming as their mean (τ(TMB),
+    # systemic.tmb_priming_factor) and nothing else (the antigenicity map was
+    # built from it above): copies carry the patient's mean, which leaves it as is.
+    tmb = jnp.asarray(setup.params.model.values["TMB"])
+    values["TMB"] = jnp.concatenate([tmb, jnp.full(lesions - count, jnp.mean(tmb), tmb.dtype)])
+    weight = setup.params.lesion_weight
+    params = dataclasses.replace(
+        setup.params,
+        model=ModelParams(values=values),
+        volume_scale=take(setup.params.volume_scale),
+        baseline_burden=take(setup.params.baseline_burden),
+        baseline_diameter_mm=take(setup.params.baseline_diameter_mm),
+        host_vessels=take(setup.params.host_vessels),
+        lesion_weight=jnp.concatenate([weight, jnp.zeros(lesions - count, weight.dtype)]),
+    )
+    state = dataclasses.replace(setup.state, fields=take(setup.state.fields, axis=1))
+    return dataclasses.replace(
+        setup,
+        model=setup.model.with_lesions(lesions),
+        params=params,
+        state=state,
+        maps={name: np.take(value, rows, axis=0) for name, value in setup.maps.items()},
+        lesions=tuple(setup.lesions[i] for i in rows),
+    )
 
 
 def stack_setups(setups: Sequence[TMESetup]):
