@@ -90,3 +90,29 @@ def test_well_mixed_limit_matches_solve_ivp(x64):
     error_coarse, error_fine = errors[0.00125], errors[0.000625]
     resolved = error_coarse > 1e-8  # below that the solve_ivp reference's own error shows
     assert np.all(error_coarse[resolved] / error_fine[resolved] > 2.8), error_coarse / error_fine
+
+
+def test_compressed_stroma_stops_t_cells_and_keeps_them_non_negative():
+    """Stroma carried above S = 1/s_m by converging tissue must not make the motility
+    factor negative: with μ < 0 the Itô flux −∇(μu) ran uphill and exhausted T cells
+    beside such a voxel went negative (then grew without bound with T). One transport
+    step at the stable dt from a state with S = 1.5 next to a near-empty voxel keeps
+    every T-cell density non-negative."""
+    grid = Grid((6, 6, 6), 80.0)
+    setup = setup_tme(grid, [LesionSpec("excluded", radius_um=150.0)], seed=3)
+    model, params = setup.model, setup.params
+    fields = np.array(setup.state.fields)
+    S, T, E = (model.index(name) for name in ("stroma", "effector_t_cells", "exhausted_t_cells"))
+    fields[S, 0, 3, 3, 3] = 1.5                 # compressed stroma, above 1/s_m = 1.11
+    fields[E, 0, 3, 3, 3] = fields[T, 0, 3, 3, 3] = 1500.0
+    fields[E, 0, 3, 3, 2] = fields[T, 0, 3, 3, 2] = 0.4  # a near-empty neighbour
+    u = model._unstack(jnp.asarray(fields))
+    motility = np.asarray(model._motility(u, params.model))
+    assert motility.min() >= 0.0 and motility[0, 3, 3, 3] == 0.0
+    state = setup.state.__class__(
+        fields=jnp.asarray(fields), time=setup.state.time, step=setup.state.step, aux=setup.state.aux
+    )
+    state = model.begin_interval(state, params)
+    dt = model.stable_dt(state, params)
+    moved = np.asarray(model.transport(state, params, dt).fields)
+    assert moved[E].min() >= 0.0 and moved[T].min() >= 0.0

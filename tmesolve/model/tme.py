@@ -506,8 +506,17 @@ class TMEModel(Model):
 
     # --- transport ------------------------------------------------------------
     def _motility(self, u, p):
-        """m(S, B) = (1 − s_m·S)/(1 + B/K_Bm): stroma and TGF-β slow T cells."""
-        return (1.0 - p["s_m"] * u["S"]) / (1.0 + u["B"] / p["K_Bm"])
+        """m(S, B) = (1 − s_m·S)₊/(1 + B/K_Bm): stroma and TGF-β slow T cells.
+
+        The positive part is not in MODEL.md, whose S is a fraction in [0, 1]. The
+        stroma map moves with the tissue, and where the tissue converges (a lesion
+        shrinking under killing) it rises above 1; past 1/s_m the factor turned
+        negative, and the Itô flux −∇(μu) with μ < 0 ran uphill: the exhausted
+        T cells next to such a voxel went negative and, with T, grew without
+        bound (a melanoma trial with k_kill = 0.6 stalled at a 0.007 h step).
+        A voxel that full of stroma stops T cells; it cannot pull them.
+        """
+        return jnp.maximum(1.0 - p["s_m"] * u["S"], 0.0) / (1.0 + u["B"] / p["K_Bm"])
 
     def _chemotactic_velocities(self, u, p):
         chi = p["chi_0"] / (1.0 + u["X"] / p["K_chi"]) ** 2 * self._motility(u, p)
