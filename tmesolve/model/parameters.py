@@ -176,7 +176,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     _p("K_chi", 2.0, "ng/mL", 1e-6, 1e4, "tcell",
        "receptor-saturation scale of chemotaxis", "calibrated: 2-D prototype"),
     _p("s_m", 0.9, "1", 0.0, 1.0, "tcell",
-       "stromal slowing of motility, m = (1 − s_m·S)/(1 + B/K_Bm)",
+       "stromal slowing of motility, m = (1 − s_m·S)₊/(1 + B/K_Bm)",
        "calibrated: 2-D prototype (0.9–0.99)"),
     _p("K_Bm", 1.0, "ng/mL", 1e-6, 1e4, "tcell",
        "TGF-β level halving motility and extravasation (Mariathasan 2018)",
