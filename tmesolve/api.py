@@ -133,13 +133,7 @@ def run(
     cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     task_overrides = [str(item) for item in overrides]
     if not (run_dir / "run.h5").exists() and resume_dir is None:
-        # Hydra's record, as the CLI leaves it (read by tmesolve-summary).
-        record = run_dir / ".hydra"
-        record.mkdir(parents=True, exist_ok=True)
-        (record / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
-        (record / "overrides.yaml").write_text(
-            OmegaConf.to_yaml(OmegaConf.create(task_overrides)), encoding="utf-8"
-        )
+        configuration.write_hydra_record(run_dir, cfg, task_overrides)
     with _LogFile(run_dir / "tmesolve.log"):
         summary = execute(cfg, run_dir, task_overrides)
     return RunResult(path=run_dir, summary=dict(summary), readouts=_read_readouts(run_dir))

@@ -286,9 +286,6 @@ def load_cohort_spec(path: str | os.PathLike, **changes: Any) -> CohortSpec:
         if key not in known:
             raise ConfigError(f"cohort.{key}", values[key], f"fields among {', '.join(sorted(known))}")
     values.update(changes)
-    for key in ("pdl1_baseline_range", "radius_um_range", "represented_diameter_mm_range"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
     if values.get("radius_um_range", ()) is None:
         del values["radius_um_range"]
     return CohortSpec(**values)

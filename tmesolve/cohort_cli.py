@@ -109,14 +109,6 @@ class TrialPlan:
     compilation_cache_dir: str | None
 
 
-def _pair(key: str, value: Any) -> tuple[float, float]:
-    try:
-        low, high = (float(item) for item in value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, value, "a pair [LOW, HIGH] of numbers") from None
-    return low, high
-
-
 def plan_trial(cfg: DictConfig) -> TrialPlan:
     """Validate every setting of the cohort app (one-line ConfigError naming the key).
 
@@ -167,10 +159,7 @@ def plan_trial(cfg: DictConfig) -> TrialPlan:
     box_um = voxels * spacing_um
     if values.get("radius_um_range") is None:
         values["radius_um_range"] = (RADIUS_FRACTION[0] * box_um, RADIUS_FRACTION[1] * box_um)
-    for key in ("pdl1_baseline_range", "radius_um_range", "represented_diameter_mm_range"):
-        if values.get(key) is not None:
-            values[key] = _pair(f"cohort.{key}", values[key])
-    spec = CohortSpec(**values)
+    spec = CohortSpec(**values)  # checks the ranges and makes them tuples
     low, high = spec.radius_um_range
     if not high < 0.5 * box_um:
         raise ConfigError(
@@ -227,21 +216,6 @@ def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _write_hydra_record(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:
-    """``.hydra/config.yaml`` and ``overrides.yaml`` (what ``tmesolve-summary`` reads).
-
-    Written here, after :func:`_check_run_dir`, instead of by Hydra before the
-    task starts (``hydra.output_subdir: null``), so that a refused run leaves
-    an earlier trial's record as it was.
-    """
-    record = run_dir / ".hydra"
-    record.mkdir(parents=True, exist_ok=True)
-    (record / "config.yaml").write_text(configuration.to_yaml(cfg), encoding="utf-8")
-    (record / "overrides.yaml").write_text(
-        OmegaConf.to_yaml(OmegaConf.create(list(overrides))), encoding="utf-8"
-    )
-
-
 def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Validate ``cfg``, run the trial and write its files into ``run_dir``; returns the summary."""
     run_dir = Path(run_dir)
@@ -256,7 +230,8 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
     from tmesolve import cohort, simulation
 
     attrs = simulation.provenance(configuration.to_yaml(cfg), overrides, plan.spec.seed)
-    _write_hydra_record(run_dir, cfg, overrides)
+    # After _check_run_dir: a refused run leaves an earlier trial's record as it was.
+    configuration.write_hydra_record(run_dir, cfg, overrides)
     simulation.configure_precision("float64" if plan.float64 else "float32")
     dtype = jnp.float64 if plan.float64 else jnp.float32
     cache = simulation.configure_compilation_cache(plan.compilation_cache_dir, log)

@@ -937,6 +937,24 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def write_hydra_record(run_dir: str | os.PathLike[str], cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Hydra's run record ``.hydra/config.yaml`` (without the ``hydra`` node) and
+    ``overrides.yaml``, as the CLI leaves it; ``tmesolve-summary`` reads the overrides.
+
+    For runs that Hydra does not record itself: :func:`tmesolve.api.run`, and
+    ``tmesolve-cohort``, which writes it only after refusing to replace an
+    earlier trial (``hydra.output_subdir: null``).
+    """
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    record = Path(run_dir) / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    (record / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    (record / "overrides.yaml").write_text(
+        OmegaConf.to_yaml(OmegaConf.create([str(item) for item in overrides])), encoding="utf-8"
+    )
+
+
 def from_yaml(text: str) -> DictConfig:
     """A configuration stored in a run file, merged onto the schema (type-checked)."""
     stored = OmegaConf.create(text)
@@ -1067,4 +1085,5 @@ __all__ = [
     "to_yaml",
     "with_run_control",
     "without_run_control",
+    "write_hydra_record",
 ]
