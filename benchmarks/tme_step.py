@@ -14,7 +14,11 @@ Figures per case:
 * ``compile_s``: ``integrator._advance.lower(...).compile()`` (lowering timed
   apart as ``lower_s``); ``compile_persistent_cache_s``: the same again after
   ``jax.clear_caches()`` with JAX's persistent compilation cache filled by the
-  first compile (first case only, when the suite enabled the cache).
+  first compile (first case only, when the suite enabled the cache);
+  ``compile_loop_cache_s``: a new ``Integrator`` for the same model getting its
+  loop from tmesolve's compiled-loop cache (:mod:`tmesolve.executable_cache`:
+  no trace, no lowering; ``compile_loop_cache_source`` is ``"disk"``), what a
+  rerun of a job pays.
 * ``ratio_step_to_stencil_pass``: one model step over one plain jitted,
   donated 7-point no-flux Laplacian update ``u ← u + c Δ_h u`` of an array
   with as many values (16 × lesions × N³): how far the fused step is from
@@ -225,6 +229,15 @@ def measure_case(
         start = time.perf_counter()
         lower().compile()
         result["compile_persistent_cache_s"] = time.perf_counter() - start
+        # tmesolve's compiled-loop cache: one integrator stores the loop (a cold
+        # run), a new one for the same model loads it without tracing (a rerun).
+        Integrator(setup.model).compile(state, setup.params, solver)
+        rerun = Integrator(setup.model)
+        start = time.perf_counter()
+        _, source = rerun.compile(state, setup.params, solver)
+        result["compile_loop_cache_s"] = time.perf_counter() - start
+        result["compile_loop_cache_source"] = source
+        result["compile_loop_cache_traces"] = rerun.trace_count
     result["cost_analysis_chunk"] = _cost(compiled)
     result["memory"] = _memory(compiled, values)
 
@@ -322,10 +335,11 @@ def table(result: dict) -> list[str]:
     lines = [
         f"TME full step (16 fields, dt = {result['dt_h']} h, Strang, float32):",
         f"  {'case':<10} {'s/step':>9} {'steps/s':>8} {'Mvox-upd/s':>10} {'lesion-st/s':>11} "
-        f"{'compile s':>9} {'cache s':>8} {'x stencil':>9} {'roofline':>8} {'MiB resident':>12}",
+        f"{'compile s':>9} {'cache s':>8} {'loop c. s':>9} {'x stencil':>9} {'roofline':>8} {'MiB resident':>12}",
     ]
     for case in result["cases"]:
         cached = case.get("compile_persistent_cache_s")
+        loop_cached = case.get("compile_loop_cache_s")
         fraction = case.get("touch_once_fraction_of_roofline")
         memory = case.get("memory") or {}
         resident = (
@@ -340,6 +354,7 @@ def table(result: dict) -> list[str]:
             f"{case['voxel_updates_per_s'] / 1e6:10.1f} "
             f"{case['lesion_steps_per_s']:11.2f} {case['compile_s']:9.1f} "
             f"{'' if cached is None else f'{cached:.1f}':>8} "
+            f"{'' if loop_cached is None else f'{loop_cached:.2f}':>9} "
             f"{case['ratio_step_to_stencil_pass']:9.0f} "
             f"{'' if fraction is None else f'{fraction:.4f}':>8} {resident:12.1f}"
         )

@@ -560,7 +560,8 @@ class TrialResult:
         outcomes: arm → one :class:`PatientOutcome` per patient.
         records: arm → per patient {readout: (records,) or (records, lesions) float64}.
         trace_counts: lesion count → compilations of that group's batched loop in this call
-            (1, or 0 when a shared ``integrators`` dict already held the compiled loop).
+            (1, or 0 when a shared ``integrators`` dict already held the compiled loop or it
+            was loaded from the compiled-loop cache, :mod:`tmesolve.executable_cache`).
         chunk_sizes: lesion count → patient-arms per chunk.
         settings: solver and run settings (for the file).
         wall_time_s: wall time of the run (s).
@@ -1338,7 +1339,7 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
         )
     lines.append("")
     lines.append(
-        f"Compiles per lesion-count group: {result.trace_counts}; "
+        f"Compiles per lesion-count group: {result.trace_counts} (0: loaded, not compiled); "
         f"chunk sizes: {result.chunk_sizes}; "
         f"wall time {result.wall_time_s:.1f} s on {result.settings['backend']}."
     )

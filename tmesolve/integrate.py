@@ -19,6 +19,7 @@ events fall on step boundaries exactly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,10 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tmesolve import executable_cache
 from tmesolve._pytree import pytree_dataclass, replace
 from tmesolve.errors import ConfigError, check_positive, check_range
 from tmesolve.model.base import Model, State
 from tmesolve.stepping import SplitStepper
+
+logger = logging.getLogger(__name__)
 
 
 @pytree_dataclass
@@ -75,7 +79,13 @@ class Integrator:
         self.stepper = SplitStepper(model, splitting_order)
         self.merge_reactions = bool(merge_reactions) and self.stepper.can_merge_reactions
         self.trace_count = 0
-        self._advance = jax.jit(self._advance_impl, donate_argnums=(0,))
+        self._loop_function: Callable = self._advance_impl
+        self._advance = jax.jit(self._loop_function, donate_argnums=(0,))
+        # Executables by argument signature, when the compiled-loop cache is on.
+        self._loops: dict[tuple, Any] = {}
+        self._digest: str | None = None
+        #: Where the loop of the latest call came from (see :meth:`compile`).
+        self.last_source = ""
 
     def _advance_impl(self, state: State, params: Any, solver: SolverParams, t_end: jax.Array):
         self.trace_count += 1  # runs only while tracing
@@ -140,7 +150,59 @@ class Integrator:
 
     def advance(self, state: State, params: Any, solver: SolverParams, t_end: float):
         """Advance to ``t_end`` (h). Returns (state, readouts, diagnostics); ``state`` is donated."""
-        return self._advance(state, params, solver, jnp.asarray(t_end, state.fields.dtype))
+        args = (state, params, solver, jnp.asarray(t_end, state.fields.dtype))
+        return self._loop_and_source(args)[0](*args)
+
+    def compile(self, state: State, params: Any, solver: SolverParams) -> tuple[Any, str]:
+        """The compiled loop for these arguments' shapes, and where it came from.
+
+        The source is ``"disk"`` (loaded from the compiled-loop cache, no trace),
+        ``"compiled"`` (traced and compiled, and stored when the cache is on),
+        ``"memory"`` (this integrator had it) or ``"jit"`` (cache off or the
+        model unkeyable: compiled through ``jax.jit``, whose own caches apply).
+        """
+        args = (state, params, solver, jnp.asarray(0.0, state.fields.dtype))
+        loop, source = self._loop_and_source(args)
+        if source == "jit":
+            return loop.lower(*args).compile(), source
+        return loop, source
+
+    def _owner_digest(self) -> str | None:
+        """Digest of what this integrator's trace depends on besides its arguments (None: unkeyable)."""
+        if self._digest is None:
+            try:
+                self._digest = executable_cache.object_digest(
+                    (type(self).__module__, type(self).__qualname__, self.unbatched,
+                     self.merge_reactions, self.stepper))
+            except executable_cache.Unkeyable as reason:
+                logger.info("compiled-loop cache not used: %s", reason)
+                self._digest = ""
+        return self._digest or None
+
+    def _loop_and_source(self, args: tuple) -> tuple[Callable, str]:
+        """The executable for ``args`` and its source (see :meth:`compile`), noted in :attr:`last_source`."""
+        loop, self.last_source = self._find_loop(args)
+        return loop, self.last_source
+
+    def _find_loop(self, args: tuple) -> tuple[Callable, str]:
+        """Without a persistent cache directory (or for an unkeyable model): the ``jax.jit`` function itself."""
+        directory = executable_cache.cache_directory()
+        if directory is None:
+            return self._advance, "jit"
+        signature = executable_cache.arguments_signature(args)
+        loop = self._loops.get(signature)
+        if loop is not None:
+            return loop, "memory"
+        owner = self._owner_digest()
+        if owner is None:
+            return self._advance, "jit"
+        key = executable_cache.entry_key(owner, signature)
+        loop, source = executable_cache.load(directory, key), "disk"
+        if loop is None:
+            loop, source = executable_cache.compile_for_storage(self._loop_function, args, key), "compiled"
+            executable_cache.store(directory, key, loop)
+        self._loops[signature] = loop
+        return loop, source
 
     def run(self, state: State, params: Any, solver: SolverParams, output_times: Iterable[float],
             event_times: Iterable[float] = (),
@@ -196,12 +258,8 @@ class BatchIntegrator(Integrator):
 
     def __init__(self, model: Model, splitting_order: int = 2, merge_reactions: bool = False) -> None:
         super().__init__(model.for_batches(), splitting_order, merge_reactions)
-        batched = jax.vmap(self._advance_impl, in_axes=(0, 0, None, None))
-        self._advance = jax.jit(batched, donate_argnums=(0,))
-
-    def advance(self, state: State, params: Any, solver: SolverParams, t_end: float):
-        """Advance every patient to ``t_end`` (h): (states, readouts, diagnostics), batched."""
-        return self._advance(state, params, solver, jnp.asarray(t_end, state.fields.dtype))
+        self._loop_function = jax.vmap(self._advance_impl, in_axes=(0, 0, None, None))
+        self._advance = jax.jit(self._loop_function, donate_argnums=(0,))
 
 
 def stack_pytrees(trees: list[Any]) -> Any:

@@ -691,7 +691,7 @@ def run_simulation(
     with writer:
         try:
             # A zero-length advance compiles the chunk (or loads it from the
-            # persistent cache) and gives the readouts of the start state.
+            # compiled-loop cache) and gives the readouts of the start state.
             clock = time.perf_counter()
             state, readouts, diagnostics = integrator.advance(
                 state, sim.params, sim.solver, start_h
@@ -700,8 +700,10 @@ def run_simulation(
             compile_s = time.perf_counter() - clock
             set_attribute(writer.file, "compile_time_s", float(compile_s))
             log.info(
-                "compiled the %s chunk in %.2f s (%s, %s, grid %s x %d lesion(s))",
+                "%s the %s chunk%s in %.2f s (%s, %s, grid %s x %d lesion(s))",
+                "loaded" if integrator.last_source == "disk" else "compiled",
                 sim.name,
+                " from the compiled-loop cache" if integrator.last_source == "disk" else "",
                 compile_s,
                 backend_description(),
                 sim.dtype,

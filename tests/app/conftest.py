@@ -3,10 +3,10 @@
 Helpers reach the tests through the ``app`` fixture (``tests/`` is on the
 import path, so a module of this folder cannot be imported by a plain name).
 
-All runs of this package share one persistent JAX compilation cache (a
+All runs of this folder share one persistent JAX compilation cache (a
 session temporary folder, also inherited by subprocesses through
 ``TMESOLVE_CACHE_DIR``), so each tiny configuration compiles once per session.
-The JAX settings a run changes (cache, x64) are restored after the package.
+The JAX settings a run changes (cache, x64) are restored after each module.
 """
 
 from __future__ import annotations
@@ -36,12 +36,20 @@ _JAX_SETTINGS = (
 )
 
 
-@pytest.fixture(scope="package", autouse=True)
-def app_environment(tmp_path_factory):
-    """One compilation cache for the package's runs; JAX settings restored afterwards."""
+@pytest.fixture(scope="session")
+def app_cache_dir(tmp_path_factory):
+    """The one compilation cache of the app tests' runs."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+# Module scope: a "package" fixture of a folder without __init__.py lives as long
+# as the session, and the cache the runs switch on would stay on for every later test.
+@pytest.fixture(scope="module", autouse=True)
+def app_environment(app_cache_dir):
+    """One compilation cache for the folder's runs; JAX settings restored after each module."""
     saved_settings = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
     saved_cache = os.environ.get("TMESOLVE_CACHE_DIR")
-    os.environ["TMESOLVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    os.environ["TMESOLVE_CACHE_DIR"] = str(app_cache_dir)
     yield
     if saved_cache is None:
         os.environ.pop("TMESOLVE_CACHE_DIR", None)

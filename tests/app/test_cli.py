@@ -120,6 +120,19 @@ def test_command_writes_the_documented_run_directory(app, tmp_path):
     assert "output 6/6" in log_text  # a progress line per output (not a terminal: log mode)
     assert "relative L2 error against the analytic solution" in result.stdout
 
+    # The same job again, in a new process: its loop comes from the compiled-loop
+    # cache (no trace) and gives the same numbers.
+    rerun_dir = tmp_path / "rerun"
+    rerun = app.run_subprocess(
+        ["experiment=verify_gaussian", "grid.shape=[10,10,10]", "grid.spacing_um=16",
+         "experiment.initial_width_um=24", "seed=7", "output.plots=false", f"hydra.run.dir={rerun_dir}"],
+        cwd=tmp_path, timeout=120, env={"TMESOLVE_CACHE_DIR": str(cache)},
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert "loaded the verify_gaussian chunk from the compiled-loop cache" in (rerun_dir / "tmesolve.log").read_text()
+    with h5py.File(run_dir / "run.h5", "r") as first, h5py.File(rerun_dir / "run.h5", "r") as second:
+        np.testing.assert_array_equal(second["fields/u"][()], first["fields/u"][()])
+
 
 def test_run_file_opens_with_xarray(app, tmp_path):
     from tmesolve.api import run

@@ -1,0 +1,185 @@
+"""The compiled-loop cache: a rerun loads the executable without tracing, and nothing stale is loaded."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from tmesolve import executable_cache
+from tmesolve.grid import Grid
+from tmesolve.integrate import BatchIntegrator, Integrator, initial_state, make_solver_params, stack_pytrees
+from tmesolve.model.verification import DiffusionDecay, FisherKPP, diffusion_decay_params, fisher_kpp_params
+
+_JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                 "jax_persistent_cache_min_entry_size_bytes")
+GRID = Grid((8, 8, 8), 20.0)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    """A fresh persistent cache for one test; JAX's settings restored afterwards."""
+    saved = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
+    from tmesolve.simulation import configure_compilation_cache
+
+    configure_compilation_cache(tmp_path / "jax")
+    yield tmp_path / "jax" / executable_cache.SUBDIRECTORY
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def fisher_state(model):
+    x, _, _ = model.grid.coordinates
+    front = np.broadcast_to(x < 60.0, model.grid.shape).astype(float)
+    return initial_state(model, front[None, None])
+
+
+def run_fisher(integrator, rate=0.5, t_end=2.0):
+    state = fisher_state(integrator.model)
+    state, readouts, _ = integrator.advance(state, fisher_kpp_params(100.0, rate), make_solver_params(0.1), t_end)
+    return np.asarray(state.fields)
+
+
+def test_a_second_integrator_loads_the_loop_without_tracing_and_gets_the_same_numbers(cache_dir):
+    first = Integrator(FisherKPP(GRID, path="explicit"))
+    expected = run_fisher(first)
+    assert first.trace_count == 1 and len(list(cache_dir.glob("*.exe"))) == 1
+
+    second = Integrator(FisherKPP(GRID, path="explicit"))
+    loop, source = second.compile(fisher_state(second.model), fisher_kpp_params(100.0, 0.5),
+                                  make_solver_params(0.1))
+    assert source == "disk" and second.trace_count == 0
+    np.testing.assert_array_equal(run_fisher(second), expected)  # the same executable: bit for bit
+    # New numbers and a new stop time reuse it: no trace, no new entry.
+    other = run_fisher(second, rate=0.9, t_end=3.0)
+    assert second.trace_count == 0 and len(list(cache_dir.glob("*.exe"))) == 1
+    assert other.sum() > expected.sum()  # a faster growth rate did take effect
+
+
+def test_a_change_of_configuration_shape_or_dtype_compiles_a_new_loop(cache_dir, x64):
+    run_fisher(Integrator(FisherKPP(GRID, path="explicit")))
+    variants = [
+        Integrator(FisherKPP(GRID, path="spectral")),                  # a model setting
+        Integrator(FisherKPP(Grid((8, 8, 6), 20.0), path="explicit")),  # a shape
+        Integrator(FisherKPP(Grid((8, 8, 8), 25.0), path="explicit")),  # a spacing (a constant of the trace)
+        Integrator(FisherKPP(GRID, path="explicit"), splitting_order=1),  # the integrator
+    ]
+    for integrator in variants:
+        _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5), make_solver_params(0.1))
+        assert source == "compiled" and integrator.trace_count == 1
+    integrator = Integrator(FisherKPP(GRID, path="explicit"))
+    _, source = integrator.compile(initial_state(integrator.model, np.ones((1, 1, 8, 8, 8)), dtype=np.float64),
+                                   fisher_kpp_params(100.0, 0.5, dtype=np.float64),
+                                   make_solver_params(0.1, dtype=np.float64))
+    assert source == "compiled"
+    assert len(list(cache_dir.glob("*.exe"))) == 6
+
+
+def test_batched_loops_are_cached_too(cache_dir):
+    model = DiffusionDecay(GRID, path="explicit")
+    states = stack_pytrees([initial_state(model, np.full((1, 1, 8, 8, 8), value)) for value in (1.0, 2.0)])
+    params = stack_pytrees([diffusion_decay_params(100.0, decay) for decay in (0.1, 0.2)])
+    first = BatchIntegrator(model)
+    expected, _, _ = first.advance(jax.tree_util.tree_map(np.array, states), params, make_solver_params(0.1), 1.0)
+    second = BatchIntegrator(model)
+    result, _, _ = second.advance(states, params, make_solver_params(0.1), 1.0)
+    assert first.trace_count == 1 and second.trace_count == 0
+    np.testing.assert_array_equal(np.asarray(result.fields), np.asarray(expected.fields))
+
+
+def test_a_corrupt_entry_is_ignored_with_a_warning_and_rewritten(cache_dir, caplog):
+    expected = run_fisher(Integrator(FisherKPP(GRID, path="explicit")))
+    (entry,) = cache_dir.glob("*.exe")
+    entry.write_bytes(entry.read_bytes()[:100])  # a job killed while another read it, a full disk
+    again = Integrator(FisherKPP(GRID, path="explicit"))
+    with caplog.at_level(logging.WARNING, logger="tmesolve.executable_cache"):
+        result = run_fisher(again)
+    assert "ignoring compiled-loop cache entry" in caplog.text
+    # Traced twice: JAX's cache had the program under the entry's name, and a
+    # copy read back from there cannot be stored, so it is compiled afresh.
+    assert again.trace_count == 2
+    np.testing.assert_array_equal(result, expected)
+    third = Integrator(FisherKPP(GRID, path="explicit"))
+    _, source = third.compile(fisher_state(third.model), fisher_kpp_params(100.0, 0.5), make_solver_params(0.1))
+    assert source == "disk"
+    np.testing.assert_array_equal(run_fisher(third), expected)
+
+
+def test_an_entry_lost_while_jax_kept_its_executable_is_stored_from_a_fresh_compile(cache_dir):
+    """JAX's copy read back from its cache fails when serialised again ("Function ... not found" at run time)."""
+    expected = run_fisher(Integrator(FisherKPP(GRID, path="explicit")))
+    for entry in cache_dir.glob("*.exe"):
+        entry.unlink()  # JAX's persistent cache still holds the program
+    second = Integrator(FisherKPP(GRID, path="explicit"))
+    np.testing.assert_array_equal(run_fisher(second), expected)
+    third = Integrator(FisherKPP(GRID, path="explicit"))
+    _, source = third.compile(fisher_state(third.model), fisher_kpp_params(100.0, 0.5), make_solver_params(0.1))
+    assert source == "disk"
+    np.testing.assert_array_equal(run_fisher(third), expected)  # runs: the stored copy is whole
+
+
+class _ModelOfAnotherPackage(FisherKPP):
+    """Defined outside tmesolve: its code is not in the source digest, so it is never cached."""
+
+
+def test_a_model_whose_code_is_not_tmesolves_is_compiled_as_usual(cache_dir):
+    integrator = Integrator(_ModelOfAnotherPackage(GRID, path="explicit"))
+    _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                   make_solver_params(0.1))
+    assert source == "jit" and not cache_dir.exists()
+
+
+def test_without_a_persistent_cache_nothing_is_written(tmp_path):
+    if executable_cache.cache_directory() is not None:
+        pytest.fail("a persistent cache was left configured by an earlier test")
+    integrator = Integrator(FisherKPP(GRID, path="explicit"))
+    _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                   make_solver_params(0.1))
+    assert source == "jit"
+
+
+def test_switching_jaxs_cache_off_switches_this_one_off(cache_dir):
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        integrator = Integrator(FisherKPP(GRID, path="explicit"))
+        _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                       make_solver_params(0.1))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+    assert source == "jit" and not cache_dir.exists()
+
+
+def test_the_digest_sees_closures_arrays_and_class_settings():
+    def make(value):
+        def scaled(u):
+            return value * u
+        scaled.__module__ = "tmesolve.example"
+        return scaled
+
+    assert executable_cache.object_digest(make(1.0)) != executable_cache.object_digest(make(2.0))
+    assert executable_cache.object_digest(np.zeros(3)) != executable_cache.object_digest(np.ones(3))
+    assert executable_cache.object_digest(np.zeros(3)) != executable_cache.object_digest(np.zeros(3, np.float32))
+    model = FisherKPP(GRID, path="explicit")
+    before = executable_cache.object_digest(model)
+    model.trace_substeps_once = True  # a class-level setting, overridden on the instance
+    assert executable_cache.object_digest(model) != before
+    with pytest.raises(executable_cache.Unkeyable, match="not tmesolve's"):
+        executable_cache.object_digest(lambda u: u)
+
+
+def test_the_source_digest_changes_with_any_file_of_the_package(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    monkeypatch.setattr(executable_cache, "_PACKAGE_ROOT", tmp_path)
+    digests = []
+    for text in ("y = 2\n", "y = 3\n"):
+        (tmp_path / "sub" / "b.py").write_text(text)
+        executable_cache.source_digest.cache_clear()
+        digests.append(executable_cache.source_digest())
+    executable_cache.source_digest.cache_clear()
+    monkeypatch.undo()
+    assert digests[0] != digests[1]

@@ -1,0 +1,319 @@
+"""Compiled loops kept on disk, so that a rerun skips tracing as well as compiling.
+
+JAX's persistent compilation cache stores XLA's executables, keyed by the
+lowered program: every process still traces the model in Python and lowers it
+before it can look the executable up (1.3–1.5 s of the 1.7–2.2 s a cached TME
+compile took on a 2-core CPU). This cache keys the executable by what the
+trace depends on instead, and loads it without tracing:
+
+* the environment: JAX and jaxlib versions, backend, device kind and platform
+  version, the host CPU's instruction-set flags (an executable built for AVX-512
+  must not run on a node without it), the JAX settings that change a trace
+  (x64, dtype promotion, matmul precision) and ``XLA_FLAGS``;
+* the tmesolve source: a digest of every ``.py`` file of the package, so an
+  edited or upgraded tmesolve never loads an old program;
+* the integrator and its model: a recursive digest of their attributes
+  (numbers, strings, enums, dataclasses, NumPy/JAX arrays by their bytes,
+  functions of tmesolve by name). An attribute of any other kind (a user's
+  callable, an object of another package) makes the model *unkeyable* and the
+  integrator compiles as usual;
+* the arguments: their tree structure (static fields included) and each
+  leaf's shape, dtype and weak type.
+
+Entries live in ``<jax_compilation_cache_dir>/tmesolve-executables/`` and are
+used only while JAX's persistent cache is configured (``output.compilation_cache_dir``).
+An entry that cannot be read or loaded (truncated, written by another JAX) is
+ignored with a log line and rewritten; entries are written to a temporary file
+and renamed, so concurrent jobs of a sweep never see half a file. Entries are
+pickles: the directory must be as trusted as the code (it is the user's own cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import hashlib
+import inspect
+import logging
+import os
+import pickle
+import platform
+import tempfile
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Bumped when the entry layout changes.
+FORMAT = 1
+SUBDIRECTORY = "tmesolve-executables"
+_PACKAGE_ROOT = Path(__file__).resolve().parent
+#: JAX settings that change what a trace produces.
+_TRACE_SETTINGS = ("jax_enable_x64", "jax_numpy_dtype_promotion", "jax_default_matmul_precision",
+                   "jax_numpy_rank_promotion")
+
+
+class Unkeyable(Exception):
+    """An object whose effect on a trace cannot be digested (the cache is not used)."""
+
+
+def cache_directory() -> Path | None:
+    """The entries' folder under JAX's persistent cache, or None when that cache is off."""
+    base = jax.config.jax_compilation_cache_dir
+    if not base or not getattr(jax.config, "jax_enable_compilation_cache", True):
+        return None
+    return Path(base).expanduser() / SUBDIRECTORY
+
+
+@functools.cache
+def source_digest() -> str:
+    """SHA-256 over the path and contents of every ``.py`` file of the tmesolve package."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE_ROOT.rglob("*.py")):
+        digest.update(str(path.relative_to(_PACKAGE_ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cpu_flags() -> str:
+    """The host CPU's feature flags (Linux ``/proc/cpuinfo``), else the processor name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def environment_digest() -> str:
+    """Digest of what, outside tmesolve, decides the traced program and its executable."""
+    device = jax.devices()[0]
+    parts = [
+        f"format {FORMAT}",
+        f"jax {jax.__version__}",
+        f"jaxlib {_jaxlib_version()}",
+        f"backend {jax.default_backend()} {device.device_kind} {device.client.platform_version}",
+        f"cpu {_cpu_flags()}",
+        f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}",
+    ]
+    parts += [f"{name} {getattr(jax.config, name, None)}" for name in _TRACE_SETTINGS]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _jaxlib_version() -> str:
+    from jaxlib import version  # the compiler and runtime that built the executable
+
+    return version.__version__
+
+
+def _digest_into(digest, value: Any, seen: set[int], path: str) -> None:
+    """Feed ``value`` into ``digest``: its type and everything that can change a trace."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+        return
+    if isinstance(value, enum.Enum):
+        digest.update(f"enum:{type(value).__qualname__}.{value.name};".encode())
+        return
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        array = np.asarray(value)
+        digest.update(f"array:{array.dtype.str}{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+        return
+    if isinstance(value, np.dtype):
+        digest.update(f"dtype:{value.str};".encode())
+        return
+    if isinstance(value, (tuple, list)):
+        digest.update(f"{type(value).__name__}[{len(value)}](".encode())
+        for index, item in enumerate(value):
+            _digest_into(digest, item, seen, f"{path}[{index}]")
+        digest.update(b")")
+        return
+    if isinstance(value, dict):
+        digest.update(f"dict[{len(value)}](".encode())
+        for key in sorted(value, key=repr):
+            _digest_into(digest, key, seen, f"{path}.key")
+            _digest_into(digest, value[key], seen, f"{path}[{key!r}]")
+        digest.update(b")")
+        return
+    if isinstance(value, (frozenset, set)):
+        digest.update(f"set[{len(value)}](".encode())
+        for item in sorted(value, key=repr):
+            _digest_into(digest, item, seen, f"{path}{{}}")
+        digest.update(b")")
+        return
+    if isinstance(value, type) or inspect.isroutine(value):
+        # A class or a function: its code is tmesolve's (in source_digest) or unknown.
+        module = getattr(value, "__module__", None) or ""
+        if not module.startswith("tmesolve"):
+            raise Unkeyable(f"{path}: {value!r} is not tmesolve's")
+        digest.update(f"code:{module}.{value.__qualname__};".encode())
+        bound_to = getattr(value, "__self__", None)
+        if bound_to is not None and not isinstance(bound_to, type(inspect)):
+            _digest_into(digest, bound_to, seen, f"{path}.__self__")
+        # A closure's captured values and a function's defaults change its trace.
+        for cell_index, cell in enumerate(getattr(value, "__closure__", None) or ()):
+            _digest_into(digest, cell.cell_contents, seen, f"{path}.<closure {cell_index}>")
+        _digest_into(digest, getattr(value, "__defaults__", None), seen, f"{path}.__defaults__")
+        _digest_into(digest, getattr(value, "__kwdefaults__", None), seen, f"{path}.__kwdefaults__")
+        return
+    if isinstance(value, functools.partial):
+        digest.update(b"partial(")
+        _digest_into(digest, value.func, seen, f"{path}.func")
+        _digest_into(digest, value.args, seen, f"{path}.args")
+        _digest_into(digest, value.keywords, seen, f"{path}.keywords")
+        digest.update(b")")
+        return
+    kind = type(value)
+    if not kind.__module__.startswith("tmesolve"):
+        raise Unkeyable(f"{path}: an object of type {kind.__module__}.{kind.__qualname__}")
+    if id(value) in seen:
+        digest.update(b"<cycle>;")
+        return
+    seen.add(id(value))
+    digest.update(f"object:{kind.__module__}.{kind.__qualname__}(".encode())
+    if dataclasses.is_dataclass(value):
+        attributes = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    else:
+        attributes = dict(vars(value)) if hasattr(value, "__dict__") else {}
+        for slot in getattr(kind, "__slots__", ()):
+            if hasattr(value, slot):
+                attributes[slot] = getattr(value, slot)
+    # Class-level settings a subclass overrides (e.g. ``trace_substeps_once``).
+    for klass in kind.__mro__:
+        if klass.__module__.startswith("tmesolve"):
+            for name, attribute in vars(klass).items():
+                if not name.startswith("__") and name not in attributes and _is_setting(attribute):
+                    attributes[name] = attribute
+    for name in sorted(attributes):
+        digest.update(f"{name}=".encode())
+        _digest_into(digest, attributes[name], seen, f"{path}.{name}")
+    digest.update(b")")
+
+
+def _is_setting(attribute: Any) -> bool:
+    """A plain class attribute (a flag, a number, a tuple of names), not a method or property."""
+    return isinstance(attribute, (bool, int, float, str, tuple, frozenset, enum.Enum, type(None)))
+
+
+def object_digest(value: Any) -> str:
+    """SHA-256 of ``value``'s trace-relevant content; raises :class:`Unkeyable`."""
+    digest = hashlib.sha256()
+    _digest_into(digest, value, set(), type(value).__name__)
+    return digest.hexdigest()
+
+
+def arguments_signature(args: tuple) -> tuple:
+    """(tree structure, per-leaf (shape, dtype, weak type)): what one executable accepts."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    avals = tuple((tuple(np.shape(leaf)), str(jax.numpy.result_type(leaf)),
+                   bool(getattr(leaf, "weak_type", False))) for leaf in leaves)
+    return treedef, avals
+
+
+def entry_key(owner_digest: str, signature: tuple) -> str:
+    """The entry's file stem: environment, source, owner (integrator + model) and arguments."""
+    treedef, avals = signature
+    text = "\n".join([environment_digest(), source_digest(), owner_digest, str(treedef), repr(avals)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_JAX_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_jax_cache_hits = 0
+_listening = False
+
+
+def _count_jax_cache_hit(event: str, **_: Any) -> None:
+    global _jax_cache_hits
+    if event == _JAX_CACHE_HIT_EVENT:
+        _jax_cache_hits += 1
+
+
+def _compile_named(function, args: tuple, name: str, donate_argnums: tuple[int, ...]):
+    """Trace, lower and compile ``function`` as a program called ``name``; (executable, read from JAX's cache)."""
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_listener(_count_jax_cache_hit)
+        _listening = True
+
+    def named(*arguments):
+        return function(*arguments)
+
+    named.__name__ = named.__qualname__ = name
+    hits_before = _jax_cache_hits
+    compiled = jax.jit(named, donate_argnums=donate_argnums).lower(*args).compile()
+    return compiled, _jax_cache_hits > hits_before
+
+
+def compile_for_storage(function, args: tuple, key: str, donate_argnums: tuple[int, ...] = (0,)):
+    """A freshly compiled executable of ``function`` for ``args``, safe to :func:`store` under ``key``.
+
+    An executable that JAX read back from its own persistent cache does not
+    survive being serialised again on the CPU backend (jaxlib 0.12: the copy
+    fails at run time with "Function ... not found"). The program is therefore
+    named after ``key`` (the module name is part of JAX's cache key), so JAX's
+    cache holds it only if an earlier run compiled it for this very entry; if
+    it does (the entry was lost), it is compiled once more under a unique name.
+    """
+    name = f"tmesolve_loop_{key[:16]}"
+    compiled, reused = _compile_named(function, args, name, donate_argnums)
+    if reused:
+        logger.info("compiled loop %s came from JAX's cache; compiling it afresh to store it", name)
+        compiled, _ = _compile_named(function, args, f"{name}_{uuid.uuid4().hex[:8]}", donate_argnums)
+    return compiled
+
+
+def load(directory: Path, key: str):
+    """The executable stored under ``key``, or None (missing, unreadable or not loadable here)."""
+    path = directory / f"{key}.exe"
+    if not path.is_file():
+        return None
+    from jax.experimental import serialize_executable
+
+    try:
+        entry = pickle.loads(zlib.decompress(path.read_bytes()))
+        if entry.get("format") != FORMAT or entry.get("key") != key:
+            raise ValueError("entry written for another key or format")
+        return serialize_executable.deserialize_and_load(entry["payload"], entry["in_tree"], entry["out_tree"])
+    except Exception as error:  # noqa: BLE001 - any bad entry means: compile again
+        logger.warning("ignoring compiled-loop cache entry %s (%s: %s); compiling again",
+                       path, type(error).__name__, error)
+        return None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def store(directory: Path, key: str, compiled) -> bool:
+    """Write ``compiled`` under ``key`` (atomically); False, with a log line, if it cannot be."""
+    from jax.experimental import serialize_executable
+
+    try:
+        payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+        blob = zlib.compress(pickle.dumps({"format": FORMAT, "key": key, "payload": payload,
+                                           "in_tree": in_tree, "out_tree": out_tree}), 1)
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(blob)
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from a group's jobs
+            os.replace(temporary, directory / f"{key}.exe")
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return True
+    except Exception as error:  # noqa: BLE001 - the cache is an optimisation; the run goes on
+        logger.warning("could not store the compiled loop in %s (%s: %s)", directory,
+                       type(error).__name__, error)
+        return False
