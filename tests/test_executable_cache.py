@@ -170,6 +170,57 @@ def test_the_digest_sees_closures_arrays_and_class_settings():
         executable_cache.object_digest(lambda u: u)
 
 
+def test_the_digest_tells_apart_what_names_alone_would_not():
+    def pick(square: bool):
+        function = (lambda u: u * u) if square else (lambda u: u)  # one qualname, two programs
+        function.__module__ = "tmesolve.example"
+        return function
+
+    assert executable_cache.object_digest(pick(True)) != executable_cache.object_digest(pick(False))
+    holder_class = type("Holder", (), {"__module__": "tmesolve.example"})
+    first, second = FisherKPP(GRID), FisherKPP(GRID, path="explicit")
+    shared, crossed = holder_class(), holder_class()
+    shared.a, shared.b, shared.c = first, second, first
+    crossed.a, crossed.b, crossed.c = first, second, second
+    assert executable_cache.object_digest(shared) != executable_cache.object_digest(crossed)
+    with pytest.raises(executable_cache.Unkeyable):
+        executable_cache.object_digest(type("Plugin", (), {"__module__": "tmesolve_plugins.model"})())
+
+
+def test_a_changed_module_constant_or_edited_source_is_never_served_from_the_cache(cache_dir, monkeypatch):
+    from tmesolve import implicit
+
+    signature = executable_cache.arguments_signature((np.ones(3),))
+    before = executable_cache.entry_key("owner", signature)
+    monkeypatch.setattr(implicit, "_CHANGED_FOR_THIS_TEST", 1e-3, raising=False)
+    assert executable_cache.entry_key("owner", signature) != before
+    monkeypatch.setattr(executable_cache, "_SOURCE_READ_AT", 0.0)  # every file "edited since import"
+    integrator = Integrator(FisherKPP(GRID, path="explicit"))
+    _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                   make_solver_params(0.1))
+    assert source == "jit" and not cache_dir.exists()
+
+
+class _IntegratorOfAnotherPackage(Integrator):
+    """Its own loop code would not be in the source digest."""
+
+
+@pytest.mark.parametrize("setting", ["jax_debug_nans", "foreign_integrator"])
+def test_debug_modes_and_foreign_integrators_are_not_cached(cache_dir, setting):
+    previous = jax.config.jax_debug_nans
+    if setting == "jax_debug_nans":
+        jax.config.update("jax_debug_nans", True)
+        integrator = Integrator(FisherKPP(GRID, path="explicit"))
+    else:
+        integrator = _IntegratorOfAnotherPackage(FisherKPP(GRID, path="explicit"))
+    try:
+        _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                       make_solver_params(0.1))
+    finally:
+        jax.config.update("jax_debug_nans", previous)
+    assert source == "jit" and not cache_dir.exists()
+
+
 def test_the_source_digest_changes_with_any_file_of_the_package(tmp_path, monkeypatch):
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "sub").mkdir()

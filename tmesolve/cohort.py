@@ -871,8 +871,10 @@ def run_trial(
             state, readouts, _ = integrator.advance(state, params, solver, 0.0)
             collected.append(jax.device_get(readouts))
             log.info(
-                "%d-lesion group: first advance (compiles on a new shape) took %.1f s",
+                "%d-lesion group: first advance (%s) took %.1f s",
                 lesion_count,
+                {"disk": "loop loaded from the compiled-loop cache", "memory": "loop compiled before"}.get(
+                    integrator.last_source, "loop compiled on a new shape"),
                 time.perf_counter() - chunk_started,
             )
             steps = 0

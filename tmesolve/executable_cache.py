@@ -36,10 +36,13 @@ import functools
 import hashlib
 import inspect
 import logging
+import marshal
 import os
 import pickle
 import platform
+import sys
 import tempfile
+import time
 import uuid
 import zlib
 from pathlib import Path
@@ -59,6 +62,16 @@ _TRACE_SETTINGS = ("jax_enable_x64", "jax_numpy_dtype_promotion", "jax_default_m
                    "jax_numpy_rank_promotion")
 
 
+#: Settings under which JAX runs a jitted function differently (op by op, or
+#: re-run to locate a NaN): the cache is off while they are on.
+_DEBUG_SETTINGS = ("jax_disable_jit", "jax_debug_nans", "jax_debug_infs")
+
+
+def _is_ours(module: str | None) -> bool:
+    """Whether ``module`` is tmesolve or one of its submodules (its code is in the source digest)."""
+    return module == "tmesolve" or (module or "").startswith("tmesolve.")
+
+
 class Unkeyable(Exception):
     """An object whose effect on a trace cannot be digested (the cache is not used)."""
 
@@ -66,8 +79,10 @@ class Unkeyable(Exception):
 def cache_directory() -> Path | None:
     """The entries' folder under JAX's persistent cache, or None when that cache is off."""
     base = jax.config.jax_compilation_cache_dir
-    if not base or not getattr(jax.config, "jax_enable_compilation_cache", True):
-        return None
+    if not base or not getattr(jax.config, "jax_enable_compilation_cache", True) or "://" in str(base):
+        return None  # off, or a remote cache (gs://...) that only JAX's own cache can write
+    if any(getattr(jax.config, name, False) for name in _DEBUG_SETTINGS):
+        return None  # a loaded executable would bypass these checks
     return Path(base).expanduser() / SUBDIRECTORY
 
 
@@ -79,6 +94,18 @@ def source_digest() -> str:
         digest.update(str(path.relative_to(_PACKAGE_ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def source_changed_since_import() -> bool:
+    """Whether a ``.py`` file of the package was modified after this process read the sources.
+
+    The digest describes the files as they were at import; code edited since
+    then is not the code this process runs, so nothing is stored or loaded.
+    """
+    try:
+        return any(path.stat().st_mtime > _SOURCE_READ_AT for path in _PACKAGE_ROOT.rglob("*.py"))
+    except OSError:
+        return True
 
 
 def _cpu_flags() -> str:
@@ -114,7 +141,13 @@ def _jaxlib_version() -> str:
     return version.__version__
 
 
-def _digest_into(digest, value: Any, seen: set[int], path: str) -> None:
+def _code_bytes(function: Any) -> bytes:
+    """The compiled code of a Python function (two lambdas of one scope differ here, not by name)."""
+    code = getattr(function, "__code__", None)
+    return marshal.dumps(code) if code is not None else b""
+
+
+def _digest_into(digest, value: Any, seen: dict[int, int], path: str) -> None:
     """Feed ``value`` into ``digest``: its type and everything that can change a trace."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         digest.update(f"{type(value).__name__}:{value!r};".encode())
@@ -152,9 +185,10 @@ def _digest_into(digest, value: Any, seen: set[int], path: str) -> None:
     if isinstance(value, type) or inspect.isroutine(value):
         # A class or a function: its code is tmesolve's (in source_digest) or unknown.
         module = getattr(value, "__module__", None) or ""
-        if not module.startswith("tmesolve"):
+        if not _is_ours(module):
             raise Unkeyable(f"{path}: {value!r} is not tmesolve's")
         digest.update(f"code:{module}.{value.__qualname__};".encode())
+        digest.update(_code_bytes(value))
         bound_to = getattr(value, "__self__", None)
         if bound_to is not None and not isinstance(bound_to, type(inspect)):
             _digest_into(digest, bound_to, seen, f"{path}.__self__")
@@ -172,12 +206,13 @@ def _digest_into(digest, value: Any, seen: set[int], path: str) -> None:
         digest.update(b")")
         return
     kind = type(value)
-    if not kind.__module__.startswith("tmesolve"):
+    if not _is_ours(kind.__module__):
         raise Unkeyable(f"{path}: an object of type {kind.__module__}.{kind.__qualname__}")
     if id(value) in seen:
-        digest.update(b"<cycle>;")
+        # Which object: two attributes sharing one object differ from two equal copies.
+        digest.update(f"<ref {seen[id(value)]}>;".encode())
         return
-    seen.add(id(value))
+    seen[id(value)] = len(seen)
     digest.update(f"object:{kind.__module__}.{kind.__qualname__}(".encode())
     if dataclasses.is_dataclass(value):
         attributes = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
@@ -186,12 +221,20 @@ def _digest_into(digest, value: Any, seen: set[int], path: str) -> None:
         for slot in getattr(kind, "__slots__", ()):
             if hasattr(value, slot):
                 attributes[slot] = getattr(value, slot)
-    # Class-level settings a subclass overrides (e.g. ``trace_substeps_once``).
+    # Class-level settings a subclass overrides (e.g. ``trace_substeps_once``),
+    # and the methods' code (a method replaced at run time is not in the source).
     for klass in kind.__mro__:
-        if klass.__module__.startswith("tmesolve"):
+        if _is_ours(klass.__module__):
             for name, attribute in vars(klass).items():
-                if not name.startswith("__") and name not in attributes and _is_setting(attribute):
+                if name in attributes or name.startswith("__") and name != "__init__":
+                    continue
+                if _is_setting(attribute):
                     attributes[name] = attribute
+                else:
+                    function = getattr(attribute, "__func__", getattr(attribute, "fget", attribute))
+                    if inspect.isfunction(function):
+                        digest.update(f"method:{klass.__qualname__}.{name}:".encode())
+                        digest.update(_code_bytes(function))
     for name in sorted(attributes):
         digest.update(f"{name}=".encode())
         _digest_into(digest, attributes[name], seen, f"{path}.{name}")
@@ -204,24 +247,64 @@ def _is_setting(attribute: Any) -> bool:
 
 
 def object_digest(value: Any) -> str:
-    """SHA-256 of ``value``'s trace-relevant content; raises :class:`Unkeyable`."""
+    """SHA-256 of ``value``'s trace-relevant content; raises :class:`Unkeyable`.
+
+    Anything that cannot be digested (a foreign object, an empty closure cell,
+    a structure too deep) raises :class:`Unkeyable` too: the cache is then
+    not used, never guessed.
+    """
     digest = hashlib.sha256()
-    _digest_into(digest, value, set(), type(value).__name__)
+    try:
+        _digest_into(digest, value, {}, type(value).__name__)
+    except Unkeyable:
+        raise
+    except Exception as error:  # noqa: BLE001 - e.g. ValueError of an empty cell, RecursionError
+        raise Unkeyable(f"{type(error).__name__}: {error}") from error
+    return digest.hexdigest()
+
+
+def module_settings_digest() -> str:
+    """Digest of the plain module-level values of every loaded tmesolve module.
+
+    Constants such as solver tolerances are read while tracing; one changed at
+    run time (``tmesolve.implicit.SOLVE_TOLERANCE = ...``) must give a new key.
+    Functions and classes are covered by the source digest and the objects' digests.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(name for name in sys.modules if _is_ours(name) and name != __name__):
+        module = sys.modules[name]
+        digest.update(f"module:{name};".encode())
+        for attribute, value in sorted(vars(module).items()):
+            if attribute.startswith("__") or not (_is_setting(value) or isinstance(value, (np.ndarray, dict, list))):
+                continue
+            digest.update(f"{attribute}=".encode())
+            try:
+                _digest_into(digest, value, {}, f"{name}.{attribute}")
+            except Exception:  # noqa: BLE001 - a tuple of foreign objects: its name stands for it
+                digest.update(b"<opaque>;")
     return digest.hexdigest()
 
 
 def arguments_signature(args: tuple) -> tuple:
     """(tree structure, per-leaf (shape, dtype, weak type)): what one executable accepts."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    avals = tuple((tuple(np.shape(leaf)), str(jax.numpy.result_type(leaf)),
-                   bool(getattr(leaf, "weak_type", False))) for leaf in leaves)
+    avals = tuple(_leaf_type(leaf) for leaf in leaves)
     return treedef, avals
+
+
+def _leaf_type(leaf: Any) -> tuple:
+    """(shape, dtype, weak type) as ``jit`` sees the leaf (a Python float is weakly typed)."""
+    if isinstance(leaf, jax.Array):
+        return leaf.shape, leaf.dtype.str, leaf.weak_type  # attribute reads: the per-call path
+    aval = jax.typeof(leaf)
+    return aval.shape, np.dtype(aval.dtype).str, aval.weak_type
 
 
 def entry_key(owner_digest: str, signature: tuple) -> str:
     """The entry's file stem: environment, source, owner (integrator + model) and arguments."""
     treedef, avals = signature
-    text = "\n".join([environment_digest(), source_digest(), owner_digest, str(treedef), repr(avals)])
+    text = "\n".join([environment_digest(), source_digest(), module_settings_digest(), owner_digest,
+                      str(treedef), repr(avals)])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -268,6 +351,11 @@ def compile_for_storage(function, args: tuple, key: str, donate_argnums: tuple[i
         logger.info("compiled loop %s came from JAX's cache; compiling it afresh to store it", name)
         compiled, _ = _compile_named(function, args, f"{name}_{uuid.uuid4().hex[:8]}", donate_argnums)
     return compiled
+
+
+def discard(directory: Path, key: str) -> None:
+    """Remove the entry ``key`` (it loaded but failed to run)."""
+    (directory / f"{key}.exe").unlink(missing_ok=True)
 
 
 def load(directory: Path, key: str):
@@ -317,3 +405,9 @@ def store(directory: Path, key: str, compiled) -> bool:
         logger.warning("could not store the compiled loop in %s (%s: %s)", directory,
                        type(error).__name__, error)
         return False
+
+
+# Read the sources now, as the process imports them, not at the first compile
+# (which may come hours later, after an edit).
+_SOURCE_READ_AT = time.time()
+source_digest()

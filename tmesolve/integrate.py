@@ -83,7 +83,7 @@ class Integrator:
         self._advance = jax.jit(self._loop_function, donate_argnums=(0,))
         # Executables by argument signature, when the compiled-loop cache is on.
         self._loops: dict[tuple, Any] = {}
-        self._digest: str | None = None
+        self._keys: dict[tuple, str] = {}
         #: Where the loop of the latest call came from (see :meth:`compile`).
         self.last_source = ""
 
@@ -151,7 +151,23 @@ class Integrator:
     def advance(self, state: State, params: Any, solver: SolverParams, t_end: float):
         """Advance to ``t_end`` (h). Returns (state, readouts, diagnostics); ``state`` is donated."""
         args = (state, params, solver, jnp.asarray(t_end, state.fields.dtype))
-        return self._loop_and_source(args)[0](*args)
+        loop, source = self._loop_and_source(args)
+        if source != "disk":
+            return loop(*args)
+        try:
+            return loop(*args)
+        except jax.errors.JaxRuntimeError as error:
+            # A stored loop that loads but cannot run must not fail every later
+            # run too: drop it (the state was donated, so this run cannot go on).
+            signature = executable_cache.arguments_signature(args)
+            key = self._keys.pop(signature, None)
+            self._loops.pop(signature, None)
+            directory = executable_cache.cache_directory()
+            if key is not None and directory is not None:
+                executable_cache.discard(directory, key)
+            raise SimulationError(
+                f"a loop loaded from the compiled-loop cache failed to run ({error}); the entry "
+                "was removed, so a rerun compiles afresh") from error
 
     def compile(self, state: State, params: Any, solver: SolverParams) -> tuple[Any, str]:
         """The compiled loop for these arguments' shapes, and where it came from.
@@ -168,16 +184,17 @@ class Integrator:
         return loop, source
 
     def _owner_digest(self) -> str | None:
-        """Digest of what this integrator's trace depends on besides its arguments (None: unkeyable)."""
-        if self._digest is None:
-            try:
-                self._digest = executable_cache.object_digest(
-                    (type(self).__module__, type(self).__qualname__, self.unbatched,
-                     self.merge_reactions, self.stepper))
-            except executable_cache.Unkeyable as reason:
-                logger.info("compiled-loop cache not used: %s", reason)
-                self._digest = ""
-        return self._digest or None
+        """Digest of what this integrator's trace depends on besides its arguments (None: unkeyable).
+
+        Recomputed on every new argument signature: the model may have been
+        changed since the last compile.
+        """
+        try:
+            return executable_cache.object_digest(
+                (type(self), self.unbatched, self.merge_reactions, self.stepper))
+        except executable_cache.Unkeyable as reason:
+            logger.info("compiled-loop cache not used: %s", reason)
+            return None
 
     def _loop_and_source(self, args: tuple) -> tuple[Callable, str]:
         """The executable for ``args`` and its source (see :meth:`compile`), noted in :attr:`last_source`."""
@@ -196,7 +213,11 @@ class Integrator:
         owner = self._owner_digest()
         if owner is None:
             return self._advance, "jit"
+        if executable_cache.source_changed_since_import():
+            logger.info("compiled-loop cache not used: tmesolve's source changed after it was imported")
+            return self._advance, "jit"
         key = executable_cache.entry_key(owner, signature)
+        self._keys[signature] = key
         loop, source = executable_cache.load(directory, key), "disk"
         if loop is None:
             loop, source = executable_cache.compile_for_storage(self._loop_function, args, key), "compiled"
