@@ -201,6 +201,18 @@ def test_a_changed_module_constant_or_edited_source_is_never_served_from_the_cac
     assert source == "jit" and not cache_dir.exists()
 
 
+def test_a_signature_is_decided_once_also_when_the_cache_is_not_used(cache_dir, monkeypatch):
+    """Every later interval reuses the decision: no source scan or digest per interval."""
+    checks = []
+    monkeypatch.setattr(executable_cache, "source_changed_since_import", lambda: checks.append(1) or True)
+    integrator = Integrator(FisherKPP(GRID, path="explicit"))
+    state = fisher_state(integrator.model)
+    for t_end in (0.5, 1.0, 1.5):
+        state, _, _ = integrator.advance(state, fisher_kpp_params(100.0, 0.5), make_solver_params(0.1), t_end)
+        assert integrator.last_source == "jit"
+    assert len(checks) == 1 and integrator.trace_count == 1 and not cache_dir.exists()
+
+
 class _IntegratorOfAnotherPackage(Integrator):
     """Its own loop code would not be in the source digest."""
 

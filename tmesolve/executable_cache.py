@@ -2,30 +2,36 @@
 
 JAX's persistent compilation cache stores XLA's executables, keyed by the
 lowered program: every process still traces the model in Python and lowers it
-before it can look the executable up (1.3–1.5 s of the 1.7–2.2 s a cached TME
-compile took on a 2-core CPU). This cache keys the executable by what the
-trace depends on instead, and loads it without tracing:
+before it can look the executable up (1.7–2.1 s of the 2.0–2.3 s a cached
+32³ TME compile took on a 2-core CPU, ``python -m benchmarks --only tme``).
+This cache keys the executable by what the trace depends on instead, and
+loads it without tracing:
 
 * the environment: JAX and jaxlib versions, backend, device kind and platform
   version, the host CPU's instruction-set flags (an executable built for AVX-512
   must not run on a node without it), the JAX settings that change a trace
   (x64, dtype promotion, matmul precision) and ``XLA_FLAGS``;
-* the tmesolve source: a digest of every ``.py`` file of the package, so an
-  edited or upgraded tmesolve never loads an old program;
+* the tmesolve source: a digest of every ``.py`` file of the package, taken at
+  import (nothing is stored or loaded once a file is newer than that), and
+  the plain module-level values of its loaded modules (a constant changed at
+  run time);
 * the integrator and its model: a recursive digest of their attributes
   (numbers, strings, enums, dataclasses, NumPy/JAX arrays by their bytes,
-  functions of tmesolve by name). An attribute of any other kind (a user's
+  functions and methods of tmesolve by their code, closures' captured values,
+  shared objects by identity). An attribute of any other kind (a user's
   callable, an object of another package) makes the model *unkeyable* and the
-  integrator compiles as usual;
+  integrator compiles through ``jax.jit`` as usual;
 * the arguments: their tree structure (static fields included) and each
   leaf's shape, dtype and weak type.
 
 Entries live in ``<jax_compilation_cache_dir>/tmesolve-executables/`` and are
-used only while JAX's persistent cache is configured (``output.compilation_cache_dir``).
-An entry that cannot be read or loaded (truncated, written by another JAX) is
-ignored with a log line and rewritten; entries are written to a temporary file
-and renamed, so concurrent jobs of a sweep never see half a file. Entries are
-pickles: the directory must be as trusted as the code (it is the user's own cache).
+used only while JAX's persistent cache is configured (``output.compilation_cache_dir``)
+and no JAX debugging mode is on. An entry that cannot be read or loaded
+(truncated, written by another JAX) is ignored with a log line and rewritten;
+entries are written to a temporary file and renamed, so concurrent jobs of a
+sweep never see half a file. Only fresh compiles are stored (see
+:func:`compile_for_storage`). Entries are pickles: the directory must be as
+trusted as the code (it is the user's own cache).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import platform
 import sys
 import tempfile
 import time
+import types
 import uuid
 import zlib
 from pathlib import Path
@@ -108,6 +115,7 @@ def source_changed_since_import() -> bool:
         return True
 
 
+@functools.cache
 def _cpu_flags() -> str:
     """The host CPU's feature flags (Linux ``/proc/cpuinfo``), else the processor name."""
     try:
@@ -190,7 +198,7 @@ def _digest_into(digest, value: Any, seen: dict[int, int], path: str) -> None:
         digest.update(f"code:{module}.{value.__qualname__};".encode())
         digest.update(_code_bytes(value))
         bound_to = getattr(value, "__self__", None)
-        if bound_to is not None and not isinstance(bound_to, type(inspect)):
+        if bound_to is not None and not isinstance(bound_to, types.ModuleType):  # builtins: bound to a module
             _digest_into(digest, bound_to, seen, f"{path}.__self__")
         # A closure's captured values and a function's defaults change its trace.
         for cell_index, cell in enumerate(getattr(value, "__closure__", None) or ()):

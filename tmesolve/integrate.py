@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,14 @@ def make_solver_params(dt_max: float = 0.1, safety: float = 0.9, max_steps: int 
                         max_steps=jnp.asarray(int(max_steps), jnp.int32))
 
 
+class _Loop(NamedTuple):
+    """A compiled interval loop: how to run it, where it came from, its cache entry."""
+
+    run: Callable
+    origin: str  # "disk", "compiled" or "jit" (see Integrator.compile)
+    key: str = ""
+
+
 class SimulationError(RuntimeError):
     """The state became non-finite or negative: the run stops with the time and field."""
 
@@ -81,9 +89,8 @@ class Integrator:
         self.trace_count = 0
         self._loop_function: Callable = self._advance_impl
         self._advance = jax.jit(self._loop_function, donate_argnums=(0,))
-        # Executables by argument signature, when the compiled-loop cache is on.
-        self._loops: dict[tuple, Any] = {}
-        self._keys: dict[tuple, str] = {}
+        # The loop for each argument signature, once the compiled-loop cache is on.
+        self._loops: dict[tuple, _Loop] = {}
         #: Where the loop of the latest call came from (see :meth:`compile`).
         self.last_source = ""
 
@@ -151,20 +158,18 @@ class Integrator:
     def advance(self, state: State, params: Any, solver: SolverParams, t_end: float):
         """Advance to ``t_end`` (h). Returns (state, readouts, diagnostics); ``state`` is donated."""
         args = (state, params, solver, jnp.asarray(t_end, state.fields.dtype))
-        loop, source = self._loop_and_source(args)
-        if source != "disk":
-            return loop(*args)
+        loop = self._loop_for(args)
         try:
-            return loop(*args)
+            return loop.run(*args)
         except jax.errors.JaxRuntimeError as error:
+            if loop.origin != "disk":
+                raise
             # A stored loop that loads but cannot run must not fail every later
             # run too: drop it (the state was donated, so this run cannot go on).
-            signature = executable_cache.arguments_signature(args)
-            key = self._keys.pop(signature, None)
-            self._loops.pop(signature, None)
+            self._loops = {signature: kept for signature, kept in self._loops.items() if kept is not loop}
             directory = executable_cache.cache_directory()
-            if key is not None and directory is not None:
-                executable_cache.discard(directory, key)
+            if directory is not None:
+                executable_cache.discard(directory, loop.key)
             raise SimulationError(
                 f"a loop loaded from the compiled-loop cache failed to run ({error}); the entry "
                 "was removed, so a rerun compiles afresh") from error
@@ -178,10 +183,10 @@ class Integrator:
         model unkeyable: compiled through ``jax.jit``, whose own caches apply).
         """
         args = (state, params, solver, jnp.asarray(0.0, state.fields.dtype))
-        loop, source = self._loop_and_source(args)
-        if source == "jit":
-            return loop.lower(*args).compile(), source
-        return loop, source
+        loop = self._loop_for(args)
+        if loop.origin == "jit":
+            return loop.run.lower(*args).compile(), self.last_source
+        return loop.run, self.last_source
 
     def _owner_digest(self) -> str | None:
         """Digest of what this integrator's trace depends on besides its arguments (None: unkeyable).
@@ -196,34 +201,43 @@ class Integrator:
             logger.info("compiled-loop cache not used: %s", reason)
             return None
 
-    def _loop_and_source(self, args: tuple) -> tuple[Callable, str]:
-        """The executable for ``args`` and its source (see :meth:`compile`), noted in :attr:`last_source`."""
-        loop, self.last_source = self._find_loop(args)
-        return loop, self.last_source
+    def _loop_for(self, args: tuple) -> _Loop:
+        """The loop for ``args``; :attr:`last_source` says where it came from on this call.
 
-    def _find_loop(self, args: tuple) -> tuple[Callable, str]:
-        """Without a persistent cache directory (or for an unkeyable model): the ``jax.jit`` function itself."""
+        Each argument signature is decided once (loaded, compiled and stored, or,
+        for an unkeyable model or edited sources, left to ``jax.jit``), so later
+        intervals pay only the signature. Without a persistent cache directory
+        the loop is the ``jax.jit`` function itself.
+        """
         directory = executable_cache.cache_directory()
         if directory is None:
-            return self._advance, "jit"
+            self.last_source = "jit"
+            return _Loop(self._advance, "jit")
         signature = executable_cache.arguments_signature(args)
         loop = self._loops.get(signature)
         if loop is not None:
-            return loop, "memory"
+            self.last_source = "jit" if loop.origin == "jit" else "memory"
+            return loop
+        loop = self._new_loop(directory, args, signature)
+        self._loops[signature] = loop
+        self.last_source = loop.origin
+        return loop
+
+    def _new_loop(self, directory, args: tuple, signature: tuple) -> _Loop:
+        """Load the loop of a new signature from the cache, or compile and store it."""
         owner = self._owner_digest()
         if owner is None:
-            return self._advance, "jit"
+            return _Loop(self._advance, "jit")
         if executable_cache.source_changed_since_import():
             logger.info("compiled-loop cache not used: tmesolve's source changed after it was imported")
-            return self._advance, "jit"
+            return _Loop(self._advance, "jit")
         key = executable_cache.entry_key(owner, signature)
-        self._keys[signature] = key
-        loop, source = executable_cache.load(directory, key), "disk"
-        if loop is None:
-            loop, source = executable_cache.compile_for_storage(self._loop_function, args, key), "compiled"
-            executable_cache.store(directory, key, loop)
-        self._loops[signature] = loop
-        return loop, source
+        loaded = executable_cache.load(directory, key)
+        if loaded is not None:
+            return _Loop(loaded, "disk", key)
+        compiled = executable_cache.compile_for_storage(self._loop_function, args, key)
+        executable_cache.store(directory, key, compiled)
+        return _Loop(compiled, "compiled", key)
 
     def run(self, state: State, params: Any, solver: SolverParams, output_times: Iterable[float],
             event_times: Iterable[float] = (),

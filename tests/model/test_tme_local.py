@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from well_mixed import well_mixed_errors
 
+from tmesolve._pytree import replace
 from tmesolve.grid import Grid
 from tmesolve.model import tme_reference
 from tmesolve.model.systemic import plasma_concentration, steroid_effector_factor
@@ -109,10 +110,7 @@ def test_compressed_stroma_stops_t_cells_and_keeps_them_non_negative():
     u = model._unstack(jnp.asarray(fields))
     motility = np.asarray(model._motility(u, params.model))
     assert motility.min() >= 0.0 and motility[0, 3, 3, 3] == 0.0
-    state = setup.state.__class__(
-        fields=jnp.asarray(fields), time=setup.state.time, step=setup.state.step, aux=setup.state.aux
-    )
-    state = model.begin_interval(state, params)
+    state = model.begin_interval(replace(setup.state, fields=jnp.asarray(fields)), params)
     dt = model.stable_dt(state, params)
     moved = np.asarray(model.transport(state, params, dt).fields)
     assert moved[E].min() >= 0.0 and moved[T].min() >= 0.0
