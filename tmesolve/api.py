@@ -218,7 +218,8 @@ def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 #: Per-arm rates of a trial's summary that a cohort sweep's table lists (count, n, rate, CI).
 _COHORT_RATES = ("orr", "cr_rate", "dcr")
 #: Per-arm counts of a trial's summary that a cohort sweep's table lists.
-_COHORT_COUNTS = ("therapy_held", "durable_cr", "touched_wall")
+_COHORT_COUNTS = ("therapy_held", "therapy_resumed", "therapy_discontinued", "durable_cr",
+                  "touched_wall")
 
 
 def summarize_cohort_sweep(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -229,7 +230,7 @@ def summarize_cohort_sweep(sweep_dir: str | os.PathLike[str]) -> list[dict[str, 
     ``n_patients``, ``<rate>`` / ``<rate>.count`` / ``<rate>.lower_95`` /
     ``<rate>.upper_95`` for orr, cr_rate and dcr, ``pfs.median_h`` (NaN where
     not reached), ``pfs.events``, ``irae.rate``, the counts therapy_held,
-    durable_cr and touched_wall, and ``logrank.p_value`` (the trial's test
+    therapy_resumed, therapy_discontinued, durable_cr and touched_wall, and ``logrank.p_value`` (the trial's test
     across its arms).
     """
     from tmesolve.plots import _natural_key, job_overrides

@@ -517,7 +517,9 @@ class PatientOutcome:
         response_censored: the response had not progressed at the end.
         durable_cr: a CR held ≥ ``durable_cr_h``.
         max_irae_grade: largest irAE grade over the records (0–4).
-        therapy_held: the management rule stopped checkpoint dosing.
+        therapy_held: the management rule withheld checkpoint dosing at some time.
+        therapy_resumed: dosing resumed after a hold (at least once).
+        therapy_discontinued: the rule stopped checkpoint dosing for good.
         baseline_pdl1: mean tumour PD-L1 of the largest lesion at the baseline scan (0–1).
         baseline_class: immunophenotype class of the largest lesion at the baseline scan.
         touched_wall: a lesion's tumour reached its box wall (growth underestimated).
@@ -539,6 +541,8 @@ class PatientOutcome:
     durable_cr: bool
     max_irae_grade: int
     therapy_held: bool
+    therapy_resumed: bool
+    therapy_discontinued: bool
     baseline_pdl1: float
     baseline_class: str
     touched_wall: bool
@@ -674,7 +678,12 @@ def _score(
         response_censored=bool(result.response_censored),
         durable_cr=bool(result.durable_cr),
         max_irae_grade=int(round(float(np.max(records["irae_grade"])))),
-        therapy_held=bool(np.max(records["therapy_held"]) >= 0.5),
+        # A hold that began and ended between two records still counts: a
+        # resumption is counted in the state, not sampled.
+        therapy_held=bool(np.max(records["therapy_held"]) >= 0.5
+                          or np.max(records["therapy_resumptions"]) >= 0.5),
+        therapy_resumed=bool(np.max(records["therapy_resumptions"]) >= 0.5),
+        therapy_discontinued=bool(np.max(records["therapy_discontinued"]) >= 0.5),
         baseline_pdl1=_largest_value(records["mean_pd_l1"][baseline], largest),
         baseline_class=CLASS_NAMES[
             int(round(_largest_value(records["immunophenotype"][baseline], largest)))
@@ -1095,6 +1104,8 @@ def summarize_trial(
                 "orr_negative": _rate_by(outcomes, irae, [False])["False"],
             },
             "therapy_held": int(sum(o.therapy_held for o in outcomes)),
+            "therapy_resumed": int(sum(o.therapy_resumed for o in outcomes)),
+            "therapy_discontinued": int(sum(o.therapy_discontinued for o in outcomes)),
             "durable_cr": int(sum(o.durable_cr for o in outcomes)),
             "touched_wall": int(sum(o.touched_wall for o in outcomes)),
         }
@@ -1186,6 +1197,8 @@ OUTCOME_COLUMNS = (
     ("durable_cr", "1"),
     ("max_irae_grade", "1"),
     ("therapy_held", "1"),
+    ("therapy_resumed", "1"),
+    ("therapy_discontinued", "1"),
     ("baseline_pdl1", "1"),
     ("baseline_class", "category"),
     ("touched_wall", "1"),
@@ -1325,11 +1338,14 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
     )
     for arm in result.arms:
         irae = summary["per_arm"][arm]["irae"]
-        held = summary["per_arm"][arm]["therapy_held"]
+        entry = summary["per_arm"][arm]
         lines.append(
             f"  {arm}: irAE {_format_rate(irae['rate'])}; "
             f"ORR irAE+ {_format_rate(irae['orr_positive'])}; "
-            f"ORR irAE- {_format_rate(irae['orr_negative'])}; therapy held in {held}"
+            f"ORR irAE- {_format_rate(irae['orr_negative'])}; "
+            f"therapy held in {entry['therapy_held']} "
+            f"(resumed in {entry['therapy_resumed']}, "
+            f"discontinued in {entry['therapy_discontinued']})"
         )
     walls = sum(summary["per_arm"][arm]["touched_wall"] for arm in result.arms)
     if walls:
@@ -1386,6 +1402,8 @@ def _summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         add("irae", arm, "irae_positive", "orr", entry["irae"]["orr_positive"])
         add("irae", arm, "irae_negative", "orr", entry["irae"]["orr_negative"])
         add("irae", arm, "all", "therapy_held", value=entry["therapy_held"])
+        add("irae", arm, "all", "therapy_resumed", value=entry["therapy_resumed"])
+        add("irae", arm, "all", "therapy_discontinued", value=entry["therapy_discontinued"])
     logrank = summary["logrank"]
     if logrank["test"] != "none":
         add("pfs", "all", logrank["test"], "logrank_p", value=logrank["p_value"])
@@ -1532,6 +1550,8 @@ def write_trial(
                 "durable_cr",
                 "max_irae_grade",
                 "therapy_held",
+                "therapy_resumed",
+                "therapy_discontinued",
                 "touched_wall",
             ]
         )
@@ -1554,6 +1574,8 @@ def write_trial(
                         int(o.durable_cr),
                         o.max_irae_grade,
                         int(o.therapy_held),
+                        int(o.therapy_resumed),
+                        int(o.therapy_discontinued),
                         int(o.touched_wall),
                     ]
                 )

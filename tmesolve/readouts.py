@@ -59,6 +59,9 @@ SYSTEMIC = (
     ("irae_index", "1"),
     ("irae_grade", "1"),
     ("therapy_held", "1"),
+    ("therapy_discontinued", "1"),
+    ("therapy_resumptions", "1"),
+    ("steroid_level", "1"),
 )
 
 
@@ -169,4 +172,7 @@ def tme_readouts(model, state, params) -> dict[str, jax.Array]:
         "irae_index": systemic.R,
         "irae_grade": irae_grade(systemic.R, p).astype(dtype),
         "therapy_held": systemic.held,
+        "therapy_discontinued": systemic.discontinued,
+        "therapy_resumptions": systemic.resumes,
+        "steroid_level": systemic.steroid,
     }

@@ -112,6 +112,61 @@ def test_management_holds_the_drug_and_gives_steroids():
     assert float(steroid_effector_factor(final_unmanaged, unmanaged)) == 1.0
 
 
+def test_management_resumes_after_recovery_and_stops_on_recurrence():
+    """The labels' rule: withhold at grade 3, resume at grade ≤ 1 once the steroid
+    taper is down to resume_steroid, stop for good when grade 3 recurs."""
+    params = make_params({"k_R": 0.01})  # grade 3 in the third week, never grade 4
+    final, record = _simulate("nivolumab", params=params, weeks=52)
+    held = np.asarray(record["held"])
+    grade = np.asarray(record["grade"])
+    steroid = np.asarray(record["steroid"])
+    discontinued = np.asarray(record["discontinued"])
+    assert grade.max() == 3.0
+    assert float(final.resumes) == 1.0
+    starts = np.flatnonzero(np.diff(held) > 0) + 1   # steps where a hold begins
+    ends = np.flatnonzero(np.diff(held) < 0) + 1      # steps where dosing resumes
+    assert len(starts) == 2 and len(ends) == 1 and held[0] == 0.0  # held, resumed, held again
+    first_hold, recurrence = int(starts[0]), int(starts[1])
+    resumed = int(ends[0])
+    assert first_hold < resumed < recurrence
+    assert grade[first_hold] >= 3.0 and discontinued[first_hold] == 0.0
+    # Resumption waits for both recovery and the taper, and not a step longer.
+    assert grade[resumed] <= 1.0 and steroid[resumed] <= 0.1
+    assert grade[resumed - 1] > 1.0 or steroid[resumed - 1] > 0.1
+    # While held no dose lands; after resuming the next dose does.
+    concentration = np.asarray(record["concentration"])[:, 0]
+    assert np.all(np.diff(concentration[first_hold:resumed]) <= 0.0)
+    assert np.any(np.diff(concentration[resumed:]) > 0.0)
+    # The recurrence stops dosing for good: held and discontinued to the end.
+    assert grade[recurrence] >= 3.0
+    assert np.all(held[recurrence:] == 1.0) and np.all(discontinued[recurrence:] == 1.0)
+    assert np.all(discontinued[:recurrence] == 0.0)
+
+    # resume_limit = 0: the first hold is for good (fewer doses, no resumption).
+    stop_at_once = make_params({"k_R": 0.01, "resume_limit": 0.0})
+    final_once, record_once = _simulate("nivolumab", params=stop_at_once, weeks=52)
+    held_once = np.asarray(record_once["held"])
+    assert float(final_once.resumes) == 0.0
+    assert np.all(held_once[first_hold:] == 1.0) and np.all(held_once[:first_hold] == 0.0)
+    assert np.asarray(record_once["discontinued"])[first_hold] == 1.0
+    assert float(final_once.doses_given) < float(final.doses_given)
+
+
+def test_grade_4_discontinues_without_resumption():
+    params = make_params({"k_R": 0.05})
+    final, record = _simulate("nivolumab", params=params, weeks=52)
+    grade = np.asarray(record["grade"])
+    discontinued = np.asarray(record["discontinued"])
+    first_grade_4 = int(np.argmax(grade >= 4.0))
+    assert grade[first_grade_4] == 4.0
+    assert discontinued[first_grade_4] == 1.0 and np.all(discontinued[first_grade_4:] == 1.0)
+    assert float(final.resumes) == 0.0 and float(final.held) == 1.0
+    # discontinue_grade = 5 (never by grade): the same patient resumes once grade 4 resolves.
+    lenient = make_params({"k_R": 0.05, "discontinue_grade": 5.0})
+    final_lenient, _ = _simulate("nivolumab", params=lenient, weeks=52)
+    assert float(final_lenient.resumes) >= 1.0
+
+
 def test_states_stay_non_negative_under_heavy_extravasation():
     params = make_params()
     schedule = build_schedule("act")

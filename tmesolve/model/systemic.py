@@ -20,9 +20,14 @@ in the parameter table)::
     dR/dt = k_R·(θ_PD + w_C·θ_CTLA4)·T_b/T_ref − δ_R·(1 + (steroid_R − 1)·s)·R
     θ_PD = 1 − (1 − θ_PD1)(1 − θ_PDL1)
     grade = #{k : R ≥ R_gradek}  (0–4)
-    management (manage_irae = 1): grade ≥ hold_grade ⇒ held = 1 (for good:
-    later checkpoint doses are skipped) and steroids s = 1, tapering as
-    ds/dt = −s/τ_steroid; effector activity scaled by 1 − (1 − steroid_effector)·s.
+    management (manage_irae = 1), the labels' withhold/resume/discontinue rule:
+      grade ≥ hold_grade ⇒ held = 1 (checkpoint doses are skipped) and
+        steroids s = 1, tapering as ds/dt = −s/τ_steroid;
+      held, grade ≤ resume_grade and s ≤ resume_steroid ⇒ held = 0 (dosing
+        resumes; counted in ``resumes``);
+      grade ≥ discontinue_grade, or a new hold after resume_limit resumptions
+        ⇒ discontinued = 1 (held for good);
+    effector activity is scaled by 1 − (1 − steroid_effector)·s.
 
 Choices recorded here (and to be carried into docs/model.md):
 
@@ -34,8 +39,13 @@ Choices recorded here (and to be carried into docs/model.md):
   so atezolizumab also causes irAEs (Tecentriq label); MODEL.md names θ_PD1.
 - The extravasation loss J_ext (cells/h, summed over lesions) is applied as a
   first-order rate J_ext/(V_blood·T_b): it can never empty more than the pool.
-- The management rule holds every checkpoint drug (the combination is
-  discontinued, as the labels direct for grade 3–4 irAEs); ACT is not held.
+- The management rule holds every checkpoint drug together (a combination
+  is withheld and resumed as one); ACT is not held. Labels (Opdivo, Yervoy,
+  Keytruda): withhold for most grade 3 irAEs, resume on recovery to grade
+  0–1 once corticosteroids are tapered to ≤ 10 mg/day prednisone (s ≤ 0.1
+  against a full 1–2 mg/kg/day), permanently discontinue for grade 4 or a
+  recurrent grade 3 event (resume_limit = 1). resume_limit = 0 stops for good
+  at the first hold (the rule before resumption was modelled).
 
 Integration: each step first advances PK exactly, then every other variable
 down the cascade (Ag_LN → transit chain → M → T_b → R) by a second-order
@@ -93,7 +103,9 @@ class SystemicState:
         T_b: () blood effector CD8 T cells (cells/µL).
         M: () memory T cells (cells/µL).
         R: () irAE index (dimensionless; graded by thresholds).
-        held: () 1 once the management rule has stopped checkpoint dosing.
+        held: () 1 while the management rule withholds checkpoint dosing.
+        discontinued: () 1 once it has stopped checkpoint dosing for good.
+        resumes: () how many times dosing resumed after a hold.
         steroid: () corticosteroid level in [0, 1].
         lymphodepleted: () 1 inside a lymphodepletion window (set by events).
         doses_given, doses_skipped: () counts of checkpoint doses.
@@ -107,6 +119,8 @@ class SystemicState:
     M: jax.Array
     R: jax.Array
     held: jax.Array
+    discontinued: jax.Array
+    resumes: jax.Array
     steroid: jax.Array
     lymphodepleted: jax.Array
     doses_given: jax.Array
@@ -279,6 +293,8 @@ def initial_systemic(
         M=memory,
         R=zero,
         held=zero,
+        discontinued=zero,
+        resumes=zero,
         steroid=zero,
         lymphodepleted=zero,
         doses_given=zero,
@@ -325,6 +341,8 @@ def apply_events(
         M=state.M,
         R=state.R,
         held=state.held,
+        discontinued=state.discontinued,
+        resumes=state.resumes,
         steroid=state.steroid,
         lymphodepleted=_window_active(t1, schedule).astype(dtype),
         doses_given=state.doses_given + jnp.sum(given).astype(dtype),
@@ -432,12 +450,8 @@ def systemic_step(
     irae_new = _relax_linear(state.R, irae_drive(theta_start, blood),
                              irae_drive(theta_end, blood_new), resolution, dt)
 
-    # Management rule: at grade ≥ hold_grade stop checkpoint dosing for good
-    # and start (or restart) a steroid course that then tapers.
-    steroid_new = state.steroid * jnp.exp(-dt / p("tau_steroid"))
-    trigger = (p("manage_irae") >= 0.5) & (irae_grade(irae_new, params) >= p("hold_grade"))
-    held_new = jnp.maximum(state.held, trigger.astype(dtype))
-    steroid_new = jnp.where(trigger, jnp.ones_like(steroid_new), steroid_new)
+    held_new, discontinued_new, resumes_new, steroid_new = _manage_irae(
+        state, irae_grade(irae_new, params), params, dt)
 
     return SystemicState(
         pk_central=central,
@@ -448,11 +462,50 @@ def systemic_step(
         M=memory_new,
         R=irae_new,
         held=held_new,
+        discontinued=discontinued_new,
+        resumes=resumes_new,
         steroid=steroid_new,
         lymphodepleted=state.lymphodepleted,
         doses_given=state.doses_given,
         doses_skipped=state.doses_skipped,
     )
+
+
+def _manage_irae(
+    state: SystemicState, grade: jax.Array, params: ModelParams, dt: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The irAE management rule at the end of a step, from the new grade.
+
+    At grade ≥ hold_grade checkpoint dosing is withheld and a steroid course
+    starts (or restarts) at s = 1, then tapers as s·exp(−dt/τ_steroid). A
+    held patient resumes once the grade is ≤ resume_grade and the taper has
+    reached s ≤ resume_steroid, unless the hold is permanent: grade ≥
+    discontinue_grade, or a hold that starts after resume_limit resumptions.
+    Every output is 0/1 (``resumes`` a count) in the state's dtype, so the
+    rule is one set of ``jnp.where`` and the same under ``vmap``.
+
+    Returns:
+        (held, discontinued, resumes, steroid) after the step.
+    """
+    dtype = state.held.dtype
+
+    def p(symbol: str) -> jax.Array:
+        return jnp.asarray(params[symbol], dtype=dtype)
+
+    managed = p("manage_irae") >= 0.5
+    was_held = state.held >= 0.5
+    trigger = managed & (grade >= p("hold_grade"))
+    new_hold = trigger & ~was_held
+    discontinued = ((state.discontinued >= 0.5)
+                    | (managed & (grade >= p("discontinue_grade")))
+                    | (new_hold & (state.resumes >= p("resume_limit"))))
+    steroid = state.steroid * jnp.exp(-dt / p("tau_steroid"))
+    steroid = jnp.where(trigger, jnp.ones_like(steroid), steroid)
+    resume = (was_held & ~trigger & ~discontinued
+              & (grade <= p("resume_grade")) & (steroid <= p("resume_steroid")))
+    held = (trigger | discontinued | (was_held & ~resume)).astype(dtype)
+    return (held, discontinued.astype(dtype),
+            state.resumes + resume.astype(dtype), steroid)
 
 
 def run_systemic(
@@ -471,7 +524,8 @@ def run_systemic(
 
     Returns:
         the final state and a record per step end: ``time_h``, ``T_b``, ``M``,
-        ``R``, ``grade``, ``antigen_ln``, ``held``, ``concentration`` (n_steps, 3).
+        ``R``, ``grade``, ``antigen_ln``, ``held``, ``discontinued``,
+        ``steroid``, ``concentration`` (n_steps, 3).
     """
     dtype = state.T_b.dtype
     t_start = jnp.asarray(t_start, dtype=dtype)
@@ -491,6 +545,8 @@ def run_systemic(
             "grade": irae_grade(carry.R, params),
             "antigen_ln": carry.antigen_ln,
             "held": carry.held,
+            "discontinued": carry.discontinued,
+            "steroid": carry.steroid,
             "concentration": plasma_concentration(carry, schedule.pk),
         }
         return carry, record
