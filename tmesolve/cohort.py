@@ -516,7 +516,7 @@ class PatientOutcome:
         duration_of_response_h: first CR/PR to PD, or to the last assessment (NaN if none).
         response_censored: the response had not progressed at the end.
         durable_cr: a CR held ≥ ``durable_cr_h``.
-        max_irae_grade: largest irAE grade over the records (0–4).
+        max_irae_grade: the worst irAE grade of the run (0–4), from the state's running peak.
         therapy_held: the management rule withheld checkpoint dosing at some time.
         therapy_resumed: dosing resumed after a hold (at least once).
         therapy_discontinued: the rule stopped checkpoint dosing for good.
@@ -677,7 +677,8 @@ def _score(
         duration_of_response_h=float(result.duration_of_response_h),
         response_censored=bool(result.response_censored),
         durable_cr=bool(result.durable_cr),
-        max_irae_grade=int(round(float(np.max(records["irae_grade"])))),
+        # The state's running peak: a grade reached between weekly records counts.
+        max_irae_grade=int(round(float(np.max(records["irae_peak_grade"])))),
         # A hold that began and ended between two records still counts: a
         # resumption is counted in the state, not sampled.
         therapy_held=bool(np.max(records["therapy_held"]) >= 0.5

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tmesolve.errors import ConfigError
 from tmesolve.model.parameters import make_params
 from tmesolve.model.systemic import (
     SystemicInputs,
@@ -89,8 +90,10 @@ def test_memory_is_capped():
 def test_irae_higher_under_the_combination():
     params = make_params({"manage_irae": 0.0})
     _, nivolumab = _simulate("nivolumab", params=params)
-    _, combination = _simulate("nivolumab_ipilimumab", params=params)
+    final, combination = _simulate("nivolumab_ipilimumab", params=params)
     assert float(combination["R"].max()) > 2.0 * float(nivolumab["R"].max())
+    # The state keeps the worst index so far (records may fall between peaks).
+    assert float(final.R_peak) == float(combination["R"].max()) > float(final.R)
     assert float(nivolumab["R"].max()) > 0.0
 
 
@@ -102,7 +105,8 @@ def test_management_holds_the_drug_and_gives_steroids():
     first_held = int(np.argmax(held > 0))
     grade = np.asarray(record["grade"])
     assert grade[first_held] >= 3.0
-    # No dose lands after the hold: the plasma level only falls from then on.
+    # No dose lands after the hold: the plasma level only falls from then on
+    # (k_R = 0.05 reaches grade 4, which stops dosing for good).
     concentration = np.asarray(record["concentration"])[first_held:, 0]
     assert np.all(np.diff(concentration) <= 0.0)
     assert float(steroid_effector_factor(final, params)) < 1.0
@@ -112,44 +116,80 @@ def test_management_holds_the_drug_and_gives_steroids():
     assert float(steroid_effector_factor(final_unmanaged, unmanaged)) == 1.0
 
 
-def test_management_resumes_after_recovery_and_stops_on_recurrence():
+def _hold_edges(held):
+    """Steps where a hold begins and where dosing resumes."""
+    return np.flatnonzero(np.diff(held) > 0) + 1, np.flatnonzero(np.diff(held) < 0) + 1
+
+
+def test_management_resumes_after_recovery():
     """The labels' rule: withhold at grade 3, resume at grade ≤ 1 once the steroid
-    taper is down to resume_steroid, stop for good when grade 3 recurs."""
-    params = make_params({"k_R": 0.01})  # grade 3 in the third week, never grade 4
-    final, record = _simulate("nivolumab", params=params, weeks=52)
+    taper is down to resume_steroid (≤ 10 mg/day prednisone), within 12 weeks."""
+    params = make_params({"k_R": 0.003})  # combination: grade 3 in week 3, recovers
+    final, record = _simulate("nivolumab_ipilimumab", params=params, weeks=52)
     held = np.asarray(record["held"])
     grade = np.asarray(record["grade"])
     steroid = np.asarray(record["steroid"])
-    discontinued = np.asarray(record["discontinued"])
-    assert grade.max() == 3.0
-    assert float(final.resumes) == 1.0
-    starts = np.flatnonzero(np.diff(held) > 0) + 1   # steps where a hold begins
-    ends = np.flatnonzero(np.diff(held) < 0) + 1      # steps where dosing resumes
-    assert len(starts) == 2 and len(ends) == 1 and held[0] == 0.0  # held, resumed, held again
-    first_hold, recurrence = int(starts[0]), int(starts[1])
-    resumed = int(ends[0])
-    assert first_hold < resumed < recurrence
-    assert grade[first_hold] >= 3.0 and discontinued[first_hold] == 0.0
-    # Resumption waits for both recovery and the taper, and not a step longer.
+    starts, ends = _hold_edges(held)
+    assert held[0] == 0.0 and len(starts) == 1 and len(ends) == 1
+    first_hold, resumed = int(starts[0]), int(ends[0])
+    assert grade[first_hold] >= 3.0 and float(final.resumes) == 1.0
+    assert float(final.discontinued) == 0.0 and float(final.held) == 0.0
+    # Resumption waits for both recovery and the taper, and not a step longer,
+    # and comes within the 12-week window.
     assert grade[resumed] <= 1.0 and steroid[resumed] <= 0.1
     assert grade[resumed - 1] > 1.0 or steroid[resumed - 1] > 0.1
-    # While held no dose lands; after resuming the next dose does.
-    concentration = np.asarray(record["concentration"])[:, 0]
-    assert np.all(np.diff(concentration[first_hold:resumed]) <= 0.0)
-    assert np.any(np.diff(concentration[resumed:]) > 0.0)
-    # The recurrence stops dosing for good: held and discontinued to the end.
-    assert grade[recurrence] >= 3.0
-    assert np.all(held[recurrence:] == 1.0) and np.all(discontinued[recurrence:] == 1.0)
-    assert np.all(discontinued[:recurrence] == 0.0)
+    assert resumed - first_hold <= 12 * WEEK
+    # While held no dose lands; after resuming the next doses do.
+    concentration = np.asarray(record["concentration"])
+    assert np.all(np.diff(concentration[first_hold:resumed], axis=0) <= 0.0)
+    assert np.any(np.diff(concentration[resumed:, 0]) > 0.0)
 
     # resume_limit = 0: the first hold is for good (fewer doses, no resumption).
-    stop_at_once = make_params({"k_R": 0.01, "resume_limit": 0.0})
-    final_once, record_once = _simulate("nivolumab", params=stop_at_once, weeks=52)
+    stop_at_once = make_params({"k_R": 0.003, "resume_limit": 0.0})
+    final_once, record_once = _simulate("nivolumab_ipilimumab", params=stop_at_once, weeks=52)
     held_once = np.asarray(record_once["held"])
     assert float(final_once.resumes) == 0.0
     assert np.all(held_once[first_hold:] == 1.0) and np.all(held_once[:first_hold] == 0.0)
-    assert np.asarray(record_once["discontinued"])[first_hold] == 1.0
+    assert np.all(np.asarray(record_once["discontinued"])[first_hold:] == 1.0)
     assert float(final_once.doses_given) < float(final.doses_given)
+
+
+def test_management_stops_for_good_when_not_ready_within_the_window():
+    """Nivolumab's long half-life keeps grade 3 for weeks: not ready to resume
+    12 weeks after the hold began, so dosing stops for good at that step."""
+    params = make_params({"k_R": 0.01})
+    final, record = _simulate("nivolumab", params=params, weeks=52)
+    held = np.asarray(record["held"])
+    discontinued = np.asarray(record["discontinued"])
+    first_hold = int(np.argmax(held > 0))
+    stopped = int(np.argmax(discontinued > 0))
+    assert discontinued[first_hold] == 0.0
+    # dt = 1 h: the first step that ends more than 2016 h after the hold began.
+    assert stopped - first_hold == 2017
+    assert np.all(held[first_hold:] == 1.0) and np.all(discontinued[stopped:] == 1.0)
+    assert float(final.resumes) == 0.0
+    hold_h = np.asarray(record["hold_h"])
+    assert hold_h[first_hold] == 0.0 and hold_h[first_hold + 10] == 10.0
+
+
+def test_management_stops_for_good_when_grade_3_recurs():
+    """Without the window the same patient resumes (week 26) and the next
+    grade 3 stops dosing for good (resume_limit = 1)."""
+    params = make_params({"k_R": 0.01, "resume_window_h": 1e6})
+    final, record = _simulate("nivolumab", params=params, weeks=52)
+    held = np.asarray(record["held"])
+    grade = np.asarray(record["grade"])
+    discontinued = np.asarray(record["discontinued"])
+    starts, ends = _hold_edges(held)
+    assert len(starts) == 2 and len(ends) == 1 and float(final.resumes) == 1.0
+    first_hold, recurrence = int(starts[0]), int(starts[1])
+    assert first_hold < int(ends[0]) < recurrence and grade[recurrence] >= 3.0
+    assert np.all(discontinued[:recurrence] == 0.0)
+    assert np.all(held[recurrence:] == 1.0) and np.all(discontinued[recurrence:] == 1.0)
+    # With two resumptions allowed the recurrence is held, not yet final.
+    lenient = make_params({"k_R": 0.01, "resume_window_h": 1e6, "resume_limit": 2.0})
+    _, record_lenient = _simulate("nivolumab", params=lenient, weeks=52)
+    assert np.asarray(record_lenient["discontinued"])[recurrence] == 0.0
 
 
 def test_grade_4_discontinues_without_resumption():
@@ -160,11 +200,54 @@ def test_grade_4_discontinues_without_resumption():
     first_grade_4 = int(np.argmax(grade >= 4.0))
     assert grade[first_grade_4] == 4.0
     assert discontinued[first_grade_4] == 1.0 and np.all(discontinued[first_grade_4:] == 1.0)
+    assert np.all(discontinued[:first_grade_4] == 0.0)
     assert float(final.resumes) == 0.0 and float(final.held) == 1.0
-    # discontinue_grade = 5 (never by grade): the same patient resumes once grade 4 resolves.
-    lenient = make_params({"k_R": 0.05, "discontinue_grade": 5.0})
+    # discontinue_grade = 5 (never by grade) and no window: the patient resumes.
+    lenient = make_params({"k_R": 0.05, "discontinue_grade": 5.0, "resume_window_h": 1e6})
     final_lenient, _ = _simulate("nivolumab", params=lenient, weeks=52)
     assert float(final_lenient.resumes) >= 1.0
+
+
+def _first_hold_for_good(state, grade, params, dt):
+    """The rule before resumption was modelled, written out: at grade ≥
+    hold_grade hold for good (held = max(held, trigger)) and reset steroids."""
+    steroid = state.steroid * jnp.exp(-dt / params["tau_steroid"])
+    trigger = (params["manage_irae"] >= 0.5) & (grade >= params["hold_grade"])
+    held = jnp.maximum(state.held, trigger.astype(state.held.dtype))
+    steroid = jnp.where(trigger, jnp.ones_like(steroid), steroid)
+    return held, held, state.resumes, state.hold_h, steroid
+
+
+@pytest.mark.parametrize(("regimen", "k_R"), [("nivolumab_ipilimumab", 0.003), ("nivolumab", 0.05)])
+def test_resume_limit_0_is_the_first_hold_for_good_rule(monkeypatch, regimen, k_R):
+    """params.resume_limit=0 reproduces the earlier rule bit for bit (float32)."""
+    import tmesolve.model.systemic as systemic
+
+    def simulate(params):
+        schedule = build_schedule(regimen)
+        state = initial_systemic(params, antigen_flux=FLUX, schedule=schedule)
+        inputs = SystemicInputs(jnp.float32(FLUX), jnp.float32(0.0))
+        # A new function object: a fresh trace that sees the patched rule.
+        run = jax.jit(lambda *args: run_systemic(*args, int(40 * WEEK)))
+        return run(state, schedule, params, inputs, 0.0, 1.0)
+
+    final, record = simulate(make_params({"k_R": k_R, "resume_limit": 0.0}))
+    monkeypatch.setattr(systemic, "_manage_irae", _first_hold_for_good)
+    final_old, record_old = simulate(make_params({"k_R": k_R}))
+    for name in ("T_b", "M", "R", "grade", "held", "steroid", "concentration"):
+        np.testing.assert_array_equal(np.asarray(record[name]), np.asarray(record_old[name]), name)
+    assert float(final.doses_given) == float(final_old.doses_given)
+    assert float(final.doses_skipped) == float(final_old.doses_skipped) > 0.0
+
+
+def test_management_grades_must_nest():
+    with pytest.raises(ConfigError, match=r"resume_grade: got 3.0; expected a grade < hold_grade"):
+        make_params({"resume_grade": 3})
+    with pytest.raises(ConfigError, match=r"discontinue_grade: got 2.0; expected a grade ≥ hold_grade"):
+        make_params({"discontinue_grade": 2})
+    with pytest.raises(ConfigError, match=r"resume_limit: got 1.5; expected a whole number"):
+        make_params({"resume_limit": 1.5})
+    make_params({"hold_grade": 2, "resume_grade": 0, "discontinue_grade": 2})
 
 
 def test_states_stay_non_negative_under_heavy_extravasation():

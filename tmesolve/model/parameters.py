@@ -428,15 +428,21 @@ PARAMETERS: tuple[Parameter, ...] = (
     _p("resume_grade", 1.0, "1", 0.0, 4.0, "irae",
        "irAE grade at or below which withheld checkpoint dosing resumes",
        "Opdivo/Yervoy/Keytruda labels: resume on recovery to grade 0–1"),
-    _p("resume_steroid", 0.1, "1", 0.0, 1.0, "irae",
+    _p("resume_steroid", 0.1, "1", 1e-3, 1.0, "irae",
        "steroid level s at or below which withheld dosing may resume (taper done)",
        "labels: resume once prednisone is ≤ 10 mg/day, ≈ 0.1 of a full 1–2 mg/kg/day"),
     _p("discontinue_grade", 4.0, "1", 1.0, 5.0, "irae",
        "irAE grade at which checkpoint drugs stop for good (5: never by grade)",
        "labels: permanently discontinue for grade 4 irAEs"),
     _p("resume_limit", 1.0, "1", 0.0, 100.0, "irae",
-       "resumptions allowed; a hold after that many stops dosing for good (0: every hold)",
+       "resumptions allowed (an integer); a hold after that many stops dosing for good "
+       "(0: every hold)",
        "labels: permanently discontinue for a recurrent grade 3 irAE"),
+    _p("resume_window_h", 2016.0, "h", 0.0, 1e6, "irae",
+       "a hold not ready to resume (grade and taper) this long after it began stops dosing "
+       "for good (12 weeks)",
+       "labels: permanently discontinue if grade 0–1 or ≤ 10 mg/day prednisone is not "
+       "reached within 12 weeks"),
     _p("steroid_R", 4.0, "1", 1.0, 100.0, "irae",
        "fold increase of irAE resolution under full corticosteroids",
        "chosen: documented proxy (most grade 3 irAEs resolve within weeks on steroids)"),
@@ -517,7 +523,33 @@ def validate_overrides(
         return {}
     if not isinstance(overrides, Mapping):
         raise ConfigError(prefix, overrides, "a mapping of parameter symbol to value")
-    return dict(_validate_one(symbol, value, prefix) for symbol, value in overrides.items())
+    validated = dict(_validate_one(symbol, value, prefix) for symbol, value in overrides.items())
+    _check_irae_rule(validated, prefix)
+    return validated
+
+
+def _check_irae_rule(validated: Mapping[str, float], prefix: str) -> None:
+    """The management rule's grades must nest, resume_grade < hold_grade ≤
+    discontinue_grade, and resume_limit count whole resumptions; the error
+    names an overridden symbol of the offending pair."""
+    values = {**default_values(), **validated}
+    if "resume_limit" in validated and not float(validated["resume_limit"]).is_integer():
+        raise ConfigError(f"{prefix}.resume_limit", validated["resume_limit"],
+                          "a whole number of resumptions")
+
+    def ordered(low: str, high: str, strict: bool) -> None:
+        fine = values[low] < values[high] if strict else values[low] <= values[high]
+        if fine:
+            return
+        relation = "<" if strict else "≤"
+        if low in validated:
+            raise ConfigError(f"{prefix}.{low}", validated[low],
+                              f"a grade {relation} {high} ({values[high]:g})")
+        raise ConfigError(f"{prefix}.{high}", validated[high],
+                          f"a grade {'>' if strict else '≥'} {low} ({values[low]:g})")
+
+    ordered("resume_grade", "hold_grade", strict=True)
+    ordered("hold_grade", "discontinue_grade", strict=False)
 
 
 @pytree_dataclass

@@ -25,7 +25,8 @@ in the parameter table)::
         steroids s = 1, tapering as ds/dt = −s/τ_steroid;
       held, grade ≤ resume_grade and s ≤ resume_steroid ⇒ held = 0 (dosing
         resumes; counted in ``resumes``);
-      grade ≥ discontinue_grade, or a new hold after resume_limit resumptions
+      grade ≥ discontinue_grade, a new hold after resume_limit resumptions,
+        or a hold not ready to resume within resume_window_h
         ⇒ discontinued = 1 (held for good);
     effector activity is scaled by 1 − (1 − steroid_effector)·s.
 
@@ -43,9 +44,11 @@ Choices recorded here (and to be carried into docs/model.md):
   is withheld and resumed as one); ACT is not held. Labels (Opdivo, Yervoy,
   Keytruda): withhold for most grade 3 irAEs, resume on recovery to grade
   0–1 once corticosteroids are tapered to ≤ 10 mg/day prednisone (s ≤ 0.1
-  against a full 1–2 mg/kg/day), permanently discontinue for grade 4 or a
-  recurrent grade 3 event (resume_limit = 1). resume_limit = 0 stops for good
-  at the first hold (the rule before resumption was modelled).
+  against a full 1–2 mg/kg/day), permanently discontinue for grade 4, a
+  recurrent grade 3 event (resume_limit = 1), or when grade 0–1 and the taper
+  are not reached within 12 weeks (resume_window_h; the labels count from the
+  last dose, the model from the start of the hold). resume_limit = 0 stops
+  for good at the first hold (the rule before resumption was modelled).
 
 Integration: each step first advances PK exactly, then every other variable
 down the cascade (Ag_LN → transit chain → M → T_b → R) by a second-order
@@ -103,9 +106,12 @@ class SystemicState:
         T_b: () blood effector CD8 T cells (cells/µL).
         M: () memory T cells (cells/µL).
         R: () irAE index (dimensionless; graded by thresholds).
+        R_peak: () the highest R so far (its grade is the patient's worst
+            irAE, which sparse records would miss).
         held: () 1 while the management rule withholds checkpoint dosing.
         discontinued: () 1 once it has stopped checkpoint dosing for good.
         resumes: () how many times dosing resumed after a hold.
+        hold_h: () hours into the current hold (0 when not held).
         steroid: () corticosteroid level in [0, 1].
         lymphodepleted: () 1 inside a lymphodepletion window (set by events).
         doses_given, doses_skipped: () counts of checkpoint doses.
@@ -118,9 +124,11 @@ class SystemicState:
     T_b: jax.Array
     M: jax.Array
     R: jax.Array
+    R_peak: jax.Array
     held: jax.Array
     discontinued: jax.Array
     resumes: jax.Array
+    hold_h: jax.Array
     steroid: jax.Array
     lymphodepleted: jax.Array
     doses_given: jax.Array
@@ -292,9 +300,11 @@ def initial_systemic(
         T_b=blood,
         M=memory,
         R=zero,
+        R_peak=zero,
         held=zero,
         discontinued=zero,
         resumes=zero,
+        hold_h=zero,
         steroid=zero,
         lymphodepleted=zero,
         doses_given=zero,
@@ -340,9 +350,11 @@ def apply_events(
         T_b=state.T_b + cells / params["V_blood"],
         M=state.M,
         R=state.R,
+        R_peak=state.R_peak,
         held=state.held,
         discontinued=state.discontinued,
         resumes=state.resumes,
+        hold_h=state.hold_h,
         steroid=state.steroid,
         lymphodepleted=_window_active(t1, schedule).astype(dtype),
         doses_given=state.doses_given + jnp.sum(given).astype(dtype),
@@ -450,7 +462,7 @@ def systemic_step(
     irae_new = _relax_linear(state.R, irae_drive(theta_start, blood),
                              irae_drive(theta_end, blood_new), resolution, dt)
 
-    held_new, discontinued_new, resumes_new, steroid_new = _manage_irae(
+    held_new, discontinued_new, resumes_new, hold_h_new, steroid_new = _manage_irae(
         state, irae_grade(irae_new, params), params, dt)
 
     return SystemicState(
@@ -461,9 +473,11 @@ def systemic_step(
         T_b=blood_new,
         M=memory_new,
         R=irae_new,
+        R_peak=jnp.maximum(state.R_peak, irae_new),
         held=held_new,
         discontinued=discontinued_new,
         resumes=resumes_new,
+        hold_h=hold_h_new,
         steroid=steroid_new,
         lymphodepleted=state.lymphodepleted,
         doses_given=state.doses_given,
@@ -473,19 +487,21 @@ def systemic_step(
 
 def _manage_irae(
     state: SystemicState, grade: jax.Array, params: ModelParams, dt: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """The irAE management rule at the end of a step, from the new grade.
 
     At grade ≥ hold_grade checkpoint dosing is withheld and a steroid course
     starts (or restarts) at s = 1, then tapers as s·exp(−dt/τ_steroid). A
-    held patient resumes once the grade is ≤ resume_grade and the taper has
-    reached s ≤ resume_steroid, unless the hold is permanent: grade ≥
-    discontinue_grade, or a hold that starts after resume_limit resumptions.
-    Every output is 0/1 (``resumes`` a count) in the state's dtype, so the
-    rule is one set of ``jnp.where`` and the same under ``vmap``.
+    held patient is ready to resume once the grade is ≤ resume_grade and the
+    taper has reached s ≤ resume_steroid, and resumes then unless the hold
+    has become permanent: grade ≥ discontinue_grade, a hold that starts
+    after resume_limit resumptions, or a hold not ready within
+    resume_window_h of its start. Flags are 0/1 in the state's dtype
+    (``resumes`` a count, ``hold_h`` hours), so the rule is a few
+    ``jnp.where`` and the same under ``vmap``.
 
     Returns:
-        (held, discontinued, resumes, steroid) after the step.
+        (held, discontinued, resumes, hold_h, steroid) after the step.
     """
     dtype = state.held.dtype
 
@@ -496,16 +512,20 @@ def _manage_irae(
     was_held = state.held >= 0.5
     trigger = managed & (grade >= p("hold_grade"))
     new_hold = trigger & ~was_held
-    discontinued = ((state.discontinued >= 0.5)
-                    | (managed & (grade >= p("discontinue_grade")))
-                    | (new_hold & (state.resumes >= p("resume_limit"))))
     steroid = state.steroid * jnp.exp(-dt / p("tau_steroid"))
     steroid = jnp.where(trigger, jnp.ones_like(steroid), steroid)
-    resume = (was_held & ~trigger & ~discontinued
-              & (grade <= p("resume_grade")) & (steroid <= p("resume_steroid")))
-    held = (trigger | discontinued | (was_held & ~resume)).astype(dtype)
-    return (held, discontinued.astype(dtype),
-            state.resumes + resume.astype(dtype), steroid)
+    ready = ~trigger & (grade <= p("resume_grade")) & (steroid <= p("resume_steroid"))
+    hours_held = state.hold_h + dt
+    discontinued = ((state.discontinued >= 0.5)
+                    | (managed & (grade >= p("discontinue_grade")))
+                    | (new_hold & (state.resumes >= p("resume_limit")))
+                    | (was_held & ~ready & (hours_held > p("resume_window_h"))))
+    resume = was_held & ready & ~discontinued
+    held = trigger | discontinued | (was_held & ~resume)
+    # Hours into the current hold, counted from the step that started it.
+    hold_h = jnp.where(held & was_held, hours_held, jnp.zeros_like(hours_held))
+    return (held.astype(dtype), discontinued.astype(dtype),
+            state.resumes + resume.astype(dtype), hold_h, steroid)
 
 
 def run_systemic(
@@ -525,7 +545,7 @@ def run_systemic(
     Returns:
         the final state and a record per step end: ``time_h``, ``T_b``, ``M``,
         ``R``, ``grade``, ``antigen_ln``, ``held``, ``discontinued``,
-        ``steroid``, ``concentration`` (n_steps, 3).
+        ``hold_h``, ``steroid``, ``concentration`` (n_steps, 3).
     """
     dtype = state.T_b.dtype
     t_start = jnp.asarray(t_start, dtype=dtype)
@@ -546,6 +566,7 @@ def run_systemic(
             "antigen_ln": carry.antigen_ln,
             "held": carry.held,
             "discontinued": carry.discontinued,
+            "hold_h": carry.hold_h,
             "steroid": carry.steroid,
             "concentration": plasma_concentration(carry, schedule.pk),
         }

@@ -239,6 +239,9 @@ def tme_finish(recist_uses: str, lesion_names: Sequence[str], baseline_h: float 
             "recist_diameter": name,
             "baseline_sum_diameters_mm": float(result.baseline_mm),
             "final_irae_grade": float(np.asarray(records.systemic["irae_grade"])[-1]),
+            "max_irae_grade": float(np.asarray(records.systemic["irae_peak_grade"])[-1]),
+            "therapy_resumptions": float(np.asarray(records.systemic["therapy_resumptions"])[-1]),
+            "therapy_discontinued": bool(np.asarray(records.systemic["therapy_discontinued"])[-1] >= 0.5),
             "response": {  # written to /response
                 "assessment_time_h": result.assessment_times_h,
                 "sum_diameters_mm": result.sum_diameters_mm,
