@@ -14,7 +14,7 @@ from tmesolve.integrate import BatchIntegrator, Integrator, initial_state, make_
 from tmesolve.model.verification import DiffusionDecay, FisherKPP, diffusion_decay_params, fisher_kpp_params
 
 _JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                 "jax_persistent_cache_min_entry_size_bytes")
+                 "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
 GRID = Grid((8, 8, 8), 20.0)
 
 
@@ -246,3 +246,45 @@ def test_the_source_digest_changes_with_any_file_of_the_package(tmp_path, monkey
     executable_cache.source_digest.cache_clear()
     monkeypatch.undo()
     assert digests[0] != digests[1]
+
+
+def test_stale_temporary_files_go_and_a_size_limit_keeps_the_recently_used(cache_dir):
+    """Housekeeping after a store: a killed writer's temporary file (over an hour
+    old) is removed, a live one is not; with JAX's size limit set, the least
+    recently used entries go first, and a load counts as a use."""
+    import os
+    import time
+
+    for path in ("explicit", "spectral"):
+        run_fisher(Integrator(FisherKPP(GRID, path=path)))
+    entries = sorted(cache_dir.glob("*.exe"), key=lambda p: p.stat().st_mtime)
+    assert len(entries) == 2
+    an_hour_ago = time.time() - 2 * executable_cache.STALE_TEMPORARY_S
+    for entry, when in zip(entries, (an_hour_ago, an_hour_ago + 10.0), strict=True):
+        os.utime(entry, (when, when))
+    stale = cache_dir / ".killed.tmp"
+    stale.write_bytes(b"half an entry")
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    live = cache_dir / ".writing.tmp"
+    live.write_bytes(b"being written")
+
+    # Loading the older entry marks it as used: now the other one is the least recent.
+    oldest = entries[0]
+    integrator = Integrator(FisherKPP(GRID, path="explicit"))
+    _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                   make_solver_params(0.1))
+    assert source == "disk"
+    used = [entry for entry in entries if entry.stat().st_mtime > an_hour_ago + 60.0]
+    assert len(used) == 1
+    unused = next(entry for entry in entries if entry not in used)
+
+    # A limit that holds two entries: storing a third removes the least recently used.
+    jax.config.update("jax_compilation_cache_max_size", int(2.5 * oldest.stat().st_size))
+    run_fisher(Integrator(FisherKPP(Grid((8, 8, 6), 20.0), path="explicit")))
+    remaining = set(cache_dir.glob("*.exe"))
+    assert len(remaining) == 2 and used[0] in remaining and unused not in remaining
+    assert not stale.exists() and live.exists()
+
+    # A limit of 0 means "cache nothing", as for JAX's own cache.
+    jax.config.update("jax_compilation_cache_max_size", 0)
+    assert executable_cache.cache_directory() is None

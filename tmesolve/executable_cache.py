@@ -32,6 +32,13 @@ entries are written to a temporary file and renamed, so concurrent jobs of a
 sweep never see half a file. Only fresh compiles are stored (see
 :func:`compile_for_storage`). Entries are pickles: the directory must be as
 trusted as the code (it is the user's own cache).
+
+Housekeeping (:func:`prune`, after each store): temporary files older than an
+hour (left by a killed job) are removed, and when JAX's
+``jax_compilation_cache_max_size`` is set (bytes; −1, the default, is no
+limit) the least recently used entries are removed until this folder fits in
+it. A load marks its entry as used. Entries are ~0.6 MB for the 16-field TME
+model; each source edit, grid or solver setting adds one.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 #: Bumped when the entry layout changes.
 FORMAT = 1
+#: A temporary file this old is a killed writer's: a live one is renamed within seconds.
+STALE_TEMPORARY_S = 3600.0
 SUBDIRECTORY = "tmesolve-executables"
 _PACKAGE_ROOT = Path(__file__).resolve().parent
 #: JAX settings that change what a trace produces.
@@ -88,6 +97,8 @@ def cache_directory() -> Path | None:
     base = jax.config.jax_compilation_cache_dir
     if not base or not getattr(jax.config, "jax_enable_compilation_cache", True) or "://" in str(base):
         return None  # off, or a remote cache (gs://...) that only JAX's own cache can write
+    if getattr(jax.config, "jax_compilation_cache_max_size", -1) == 0:
+        return None  # JAX reads a limit of 0 bytes as "cache nothing"
     if any(getattr(jax.config, name, False) for name in _DEBUG_SETTINGS):
         return None  # a loaded executable would bypass these checks
     return Path(base).expanduser() / SUBDIRECTORY
@@ -377,11 +388,16 @@ def load(directory: Path, key: str):
         entry = pickle.loads(zlib.decompress(path.read_bytes()))
         if entry.get("format") != FORMAT or entry.get("key") != key:
             raise ValueError("entry written for another key or format")
-        return serialize_executable.deserialize_and_load(entry["payload"], entry["in_tree"], entry["out_tree"])
+        loaded = serialize_executable.deserialize_and_load(entry["payload"], entry["in_tree"], entry["out_tree"])
     except Exception as error:  # noqa: BLE001 - any bad entry means: compile again
         logger.warning("ignoring compiled-loop cache entry %s (%s: %s); compiling again",
                        path, type(error).__name__, error)
         return None
+    try:
+        os.utime(path)  # used now: the size limit removes the least recently used first
+    except OSError:
+        pass  # a read-only shared cache still serves its entries
+    return loaded
 
 
 def _umask() -> int:
@@ -408,11 +424,63 @@ def store(directory: Path, key: str, compiled) -> bool:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+        prune(directory, keep=key)
         return True
     except Exception as error:  # noqa: BLE001 - the cache is an optimisation; the run goes on
         logger.warning("could not store the compiled loop in %s (%s: %s)", directory,
                        type(error).__name__, error)
         return False
+
+
+def prune(directory: Path, keep: str | None = None, max_bytes: int | None = None) -> list[Path]:
+    """Remove stale temporary files and, over the size limit, the least recently used entries.
+
+    Args:
+        directory: the cache folder.
+        keep: an entry never removed (the one just stored).
+        max_bytes: the limit on the entries' total size; None reads JAX's
+            ``jax_compilation_cache_max_size`` (−1: no limit).
+
+    Returns:
+        The paths removed. Files another job removes meanwhile are skipped;
+        a file that cannot be removed is left (the cache is an optimisation).
+    """
+    if max_bytes is None:
+        max_bytes = int(getattr(jax.config, "jax_compilation_cache_max_size", -1))
+    now = time.time()
+    removed: list[Path] = []
+    entries = []
+
+    def remove(path: Path) -> bool:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return True  # another job of the sweep got there first
+        except OSError:
+            return False
+        removed.append(path)
+        return True
+
+    for path in directory.iterdir():
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            if now - info.st_mtime > STALE_TEMPORARY_S:
+                remove(path)
+        elif path.suffix == ".exe" and path.stem != keep:
+            entries.append((info.st_mtime, info.st_size, path))
+    if max_bytes < 0:
+        return removed
+    kept_size = (directory / f"{keep}.exe").stat().st_size if keep and (directory / f"{keep}.exe").exists() else 0
+    total = kept_size + sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries, key=lambda entry: entry[0]):  # least recently used first
+        if total <= max_bytes:
+            break
+        if remove(path):
+            total -= size
+    return removed
 
 
 # Read the sources now, as the process imports them, not at the first compile
