@@ -615,13 +615,13 @@ def _mapping(key: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _check_tme_params(key: str, params: Mapping[str, Any]) -> None:
+def _check_tme_params(key: str, params: Mapping[str, Any], per_lesion: bool = False) -> None:
     """Validate parameter overrides against the parameter table, when it is importable."""
     try:
         from tmesolve.model.parameters import validate_overrides
     except ImportError:  # the model is not part of this build: the builder checks
         return
-    validate_overrides(params, key)
+    validate_overrides(params, key, per_lesion=per_lesion)
 
 
 def _experiment(node: Any) -> ExperimentConfig:
@@ -899,7 +899,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     if is_tme:
         _check_tme_params("tme.params", tme_params)
         for index, lesion in enumerate(patient.lesions):
-            _check_tme_params(f"patient.lesions[{index}].params", lesion.params)
+            _check_tme_params(f"patient.lesions[{index}].params", lesion.params, per_lesion=True)
     # Last, so that every setting this module owns is checked even in a build
     # without the TME model.
     experiment = _experiment(cfg.experiment)

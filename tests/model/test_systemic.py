@@ -168,8 +168,17 @@ def test_management_stops_for_good_when_not_ready_within_the_window():
     assert stopped - first_hold == 2017
     assert np.all(held[first_hold:] == 1.0) and np.all(discontinued[stopped:] == 1.0)
     assert float(final.resumes) == 0.0
-    hold_h = np.asarray(record["hold_h"])
-    assert hold_h[first_hold] == 0.0 and hold_h[first_hold + 10] == 10.0
+    # The clock is the hold's start time; steroids restart while grade 3 persists.
+    hold_start = np.asarray(record["hold_start_h"])
+    assert np.all(hold_start[first_hold:] == np.asarray(record["time_h"])[first_hold])
+    grade = np.asarray(record["grade"])
+    steroid = np.asarray(record["steroid"])
+    assert np.all(steroid[first_hold:][grade[first_hold:] >= 3.0] == 1.0)
+    # Grade 3 returns while held (the drug's long half-life): the course restarts
+    # at s = 1 but the 12-week clock does not.
+    back = first_hold + 1 + int(np.argmax(grade[first_hold + 1:] >= 3.0))
+    assert first_hold + 1 < back < stopped and grade[back - 1] < 3.0 and steroid[back] == 1.0
+    assert steroid[back - 1] < 1.0 and hold_start[back] == hold_start[first_hold]
 
 
 def test_management_stops_for_good_when_grade_3_recurs():
@@ -208,14 +217,14 @@ def test_grade_4_discontinues_without_resumption():
     assert float(final_lenient.resumes) >= 1.0
 
 
-def _first_hold_for_good(state, grade, params, dt):
+def _first_hold_for_good(state, grade, params, t_end, dt):
     """The rule before resumption was modelled, written out: at grade ≥
     hold_grade hold for good (held = max(held, trigger)) and reset steroids."""
     steroid = state.steroid * jnp.exp(-dt / params["tau_steroid"])
     trigger = (params["manage_irae"] >= 0.5) & (grade >= params["hold_grade"])
     held = jnp.maximum(state.held, trigger.astype(state.held.dtype))
     steroid = jnp.where(trigger, jnp.ones_like(steroid), steroid)
-    return held, held, state.resumes, state.hold_h, steroid
+    return held, held, state.resumes, state.hold_start_h, steroid
 
 
 @pytest.mark.parametrize(("regimen", "k_R"), [("nivolumab_ipilimumab", 0.003), ("nivolumab", 0.05)])
@@ -248,6 +257,9 @@ def test_management_grades_must_nest():
     with pytest.raises(ConfigError, match=r"resume_limit: got 1.5; expected a whole number"):
         make_params({"resume_limit": 1.5})
     make_params({"hold_grade": 2, "resume_grade": 0, "discontinue_grade": 2})
+    # In a lesion's mapping the setting itself is the error, not the nesting.
+    with pytest.raises(ConfigError, match=r"lesions.0.resume_grade: got 3; expected a per-lesion parameter"):
+        make_params({}, [{"resume_grade": 3}])
 
 
 def test_states_stay_non_negative_under_heavy_extravasation():

@@ -504,13 +504,15 @@ def _validate_one(symbol: Any, value: Any, prefix: str) -> tuple[str, float]:
 
 
 def validate_overrides(
-    overrides: Mapping[str, float | str] | None, prefix: str = "tme.params"
+    overrides: Mapping[str, float | str] | None, prefix: str = "tme.params", per_lesion: bool = False
 ) -> dict[str, float]:
     """Check and convert parameter overrides from a config.
 
     Args:
         overrides: symbol → number (core units) or string with units ("25 um^2/s").
         prefix: config path of the mapping, used in error messages.
+        per_lesion: the mapping is one lesion's: only per-lesion symbols are
+            allowed (the patient-level relations are checked on the patient's).
 
     Returns:
         symbol → value in core units (only the given symbols).
@@ -524,6 +526,14 @@ def validate_overrides(
     if not isinstance(overrides, Mapping):
         raise ConfigError(prefix, overrides, "a mapping of parameter symbol to value")
     validated = dict(_validate_one(symbol, value, prefix) for symbol, value in overrides.items())
+    if per_lesion:
+        for symbol in validated:
+            if not TABLE[symbol].per_lesion:
+                allowed = ", ".join(p.symbol for p in PARAMETERS if p.per_lesion)
+                raise ConfigError(f"{prefix}.{symbol}", overrides[symbol],
+                                  f"a per-lesion parameter ({allowed})",
+                                  hint=f"set {symbol} for the patient")
+        return validated
     _check_irae_rule(validated, prefix)
     return validated
 
@@ -622,12 +632,7 @@ def make_params(
                               f"one mapping of per-lesion parameters per lesion ({lesions})")
         for index, mapping in enumerate(lesion_overrides):
             lesion_prefix = f"{lesion_key}.{index}"
-            for symbol, value in validate_overrides(mapping, lesion_prefix).items():
-                if not TABLE[symbol].per_lesion:
-                    allowed = ", ".join(p.symbol for p in PARAMETERS if p.per_lesion)
-                    raise ConfigError(f"{lesion_prefix}.{symbol}", mapping[symbol],
-                                      f"a per-lesion parameter ({allowed})",
-                                      hint=f"set {symbol} for the patient in {prefix}")
+            for symbol, value in validate_overrides(mapping, lesion_prefix, per_lesion=True).items():
                 per_lesion_values[symbol][index] = value
     values: dict[str, jax.Array] = {}
     for p in PARAMETERS:

@@ -111,7 +111,7 @@ class SystemicState:
         held: () 1 while the management rule withholds checkpoint dosing.
         discontinued: () 1 once it has stopped checkpoint dosing for good.
         resumes: () how many times dosing resumed after a hold.
-        hold_h: () hours into the current hold (0 when not held).
+        hold_start_h: () time the current (or last) hold began (h; −1 before any).
         steroid: () corticosteroid level in [0, 1].
         lymphodepleted: () 1 inside a lymphodepletion window (set by events).
         doses_given, doses_skipped: () counts of checkpoint doses.
@@ -128,7 +128,7 @@ class SystemicState:
     held: jax.Array
     discontinued: jax.Array
     resumes: jax.Array
-    hold_h: jax.Array
+    hold_start_h: jax.Array
     steroid: jax.Array
     lymphodepleted: jax.Array
     doses_given: jax.Array
@@ -304,7 +304,7 @@ def initial_systemic(
         held=zero,
         discontinued=zero,
         resumes=zero,
-        hold_h=zero,
+        hold_start_h=jnp.full((), -1.0, dtype=dtype),
         steroid=zero,
         lymphodepleted=zero,
         doses_given=zero,
@@ -354,7 +354,7 @@ def apply_events(
         held=state.held,
         discontinued=state.discontinued,
         resumes=state.resumes,
-        hold_h=state.hold_h,
+        hold_start_h=state.hold_start_h,
         steroid=state.steroid,
         lymphodepleted=_window_active(t1, schedule).astype(dtype),
         doses_given=state.doses_given + jnp.sum(given).astype(dtype),
@@ -385,12 +385,12 @@ def systemic_step(
         params: model parameters.
         pk: per-slot PK constants (``schedule.pk``).
         t: time at the start of the step (h); the equations are autonomous,
-            it is accepted for a uniform step signature.
+            only the management rule's clock reads it.
         dt: step (h).
     """
-    del t
     dtype = state.T_b.dtype
     dt = jnp.asarray(dt, dtype=dtype)
+    t_end = jnp.asarray(t, dtype=dtype) + dt
     antigen_flux = _input(inputs, "antigen_flux", dtype)
     extravasation = _input(inputs, "extravasation", dtype)
 
@@ -462,8 +462,8 @@ def systemic_step(
     irae_new = _relax_linear(state.R, irae_drive(theta_start, blood),
                              irae_drive(theta_end, blood_new), resolution, dt)
 
-    held_new, discontinued_new, resumes_new, hold_h_new, steroid_new = _manage_irae(
-        state, irae_grade(irae_new, params), params, dt)
+    held_new, discontinued_new, resumes_new, hold_start_new, steroid_new = _manage_irae(
+        state, irae_grade(irae_new, params), params, t_end, dt)
 
     return SystemicState(
         pk_central=central,
@@ -477,7 +477,7 @@ def systemic_step(
         held=held_new,
         discontinued=discontinued_new,
         resumes=resumes_new,
-        hold_h=hold_h_new,
+        hold_start_h=hold_start_new,
         steroid=steroid_new,
         lymphodepleted=state.lymphodepleted,
         doses_given=state.doses_given,
@@ -486,7 +486,7 @@ def systemic_step(
 
 
 def _manage_irae(
-    state: SystemicState, grade: jax.Array, params: ModelParams, dt: jax.Array,
+    state: SystemicState, grade: jax.Array, params: ModelParams, t_end: jax.Array, dt: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """The irAE management rule at the end of a step, from the new grade.
 
@@ -497,11 +497,11 @@ def _manage_irae(
     has become permanent: grade ≥ discontinue_grade, a hold that starts
     after resume_limit resumptions, or a hold not ready within
     resume_window_h of its start. Flags are 0/1 in the state's dtype
-    (``resumes`` a count, ``hold_h`` hours), so the rule is a few
+    (``resumes`` a count, ``hold_start_h`` a time), so the rule is a few
     ``jnp.where`` and the same under ``vmap``.
 
     Returns:
-        (held, discontinued, resumes, hold_h, steroid) after the step.
+        (held, discontinued, resumes, hold_start_h, steroid) at t_end, the step's end.
     """
     dtype = state.held.dtype
 
@@ -515,17 +515,18 @@ def _manage_irae(
     steroid = state.steroid * jnp.exp(-dt / p("tau_steroid"))
     steroid = jnp.where(trigger, jnp.ones_like(steroid), steroid)
     ready = ~trigger & (grade <= p("resume_grade")) & (steroid <= p("resume_steroid"))
-    hours_held = state.hold_h + dt
+    # Hours held from the step that began the hold, as a difference of times:
+    # a running sum of dt would drift in float32 over weeks of small steps.
+    hours_held = t_end - state.hold_start_h
     discontinued = ((state.discontinued >= 0.5)
                     | (managed & (grade >= p("discontinue_grade")))
                     | (new_hold & (state.resumes >= p("resume_limit")))
                     | (was_held & ~ready & (hours_held > p("resume_window_h"))))
     resume = was_held & ready & ~discontinued
     held = trigger | discontinued | (was_held & ~resume)
-    # Hours into the current hold, counted from the step that started it.
-    hold_h = jnp.where(held & was_held, hours_held, jnp.zeros_like(hours_held))
+    hold_start = jnp.where(new_hold, t_end, state.hold_start_h)
     return (held.astype(dtype), discontinued.astype(dtype),
-            state.resumes + resume.astype(dtype), hold_h, steroid)
+            state.resumes + resume.astype(dtype), hold_start, steroid)
 
 
 def run_systemic(
@@ -545,7 +546,7 @@ def run_systemic(
     Returns:
         the final state and a record per step end: ``time_h``, ``T_b``, ``M``,
         ``R``, ``grade``, ``antigen_ln``, ``held``, ``discontinued``,
-        ``hold_h``, ``steroid``, ``concentration`` (n_steps, 3).
+        ``hold_start_h``, ``steroid``, ``concentration`` (n_steps, 3).
     """
     dtype = state.T_b.dtype
     t_start = jnp.asarray(t_start, dtype=dtype)
@@ -566,7 +567,7 @@ def run_systemic(
             "antigen_ln": carry.antigen_ln,
             "held": carry.held,
             "discontinued": carry.discontinued,
-            "hold_h": carry.hold_h,
+            "hold_start_h": carry.hold_start_h,
             "steroid": carry.steroid,
             "concentration": plasma_concentration(carry, schedule.pk),
         }
