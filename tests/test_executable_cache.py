@@ -250,40 +250,45 @@ def test_the_source_digest_changes_with_any_file_of_the_package(tmp_path, monkey
 
 def test_stale_temporary_files_go_and_a_size_limit_keeps_the_recently_used(cache_dir):
     """Housekeeping after a store: a killed writer's temporary file (over an hour
-    old) is removed, a live one is not; with JAX's size limit set, the least
-    recently used entries go first, and a load counts as a use."""
+    old) is removed, a live one is not; over a size limit the least recently
+    used entries go first, and a load counts as a use; JAX's
+    jax_compilation_cache_max_size is the limit a store applies."""
     import os
     import time
 
-    for path in ("explicit", "spectral"):
-        run_fisher(Integrator(FisherKPP(GRID, path=path)))
-    entries = sorted(cache_dir.glob("*.exe"), key=lambda p: p.stat().st_mtime)
-    assert len(entries) == 2
-    an_hour_ago = time.time() - 2 * executable_cache.STALE_TEMPORARY_S
-    for entry, when in zip(entries, (an_hour_ago, an_hour_ago + 10.0), strict=True):
-        os.utime(entry, (when, when))
+    def store_new(shape):
+        run_fisher(Integrator(FisherKPP(Grid(shape, 20.0), path="explicit")))
+
+    store_new((8, 8, 8))
+    first = next(iter(cache_dir.glob("*.exe")))
+    run_fisher(Integrator(FisherKPP(GRID, path="spectral")))
+    second = next(path for path in cache_dir.glob("*.exe") if path != first)
+    long_ago = time.time() - 2 * executable_cache.STALE_TEMPORARY_S
+    for path, when in ((first, long_ago), (second, long_ago + 10.0)):
+        os.utime(path, (when, when))
     stale = cache_dir / ".killed.tmp"
     stale.write_bytes(b"half an entry")
-    os.utime(stale, (an_hour_ago, an_hour_ago))
+    os.utime(stale, (long_ago, long_ago))
     live = cache_dir / ".writing.tmp"
     live.write_bytes(b"being written")
 
-    # Loading the older entry marks it as used: now the other one is the least recent.
-    oldest = entries[0]
+    # Loading the older entry marks it as used: now the other is the least recent.
     integrator = Integrator(FisherKPP(GRID, path="explicit"))
     _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
                                    make_solver_params(0.1))
-    assert source == "disk"
-    used = [entry for entry in entries if entry.stat().st_mtime > an_hour_ago + 60.0]
-    assert len(used) == 1
-    unused = next(entry for entry in entries if entry not in used)
+    assert source == "disk" and first.stat().st_mtime > second.stat().st_mtime
 
-    # A limit that holds two entries: storing a third removes the least recently used.
-    jax.config.update("jax_compilation_cache_max_size", int(2.5 * oldest.stat().st_size))
-    run_fisher(Integrator(FisherKPP(Grid((8, 8, 6), 20.0), path="explicit")))
-    remaining = set(cache_dir.glob("*.exe"))
-    assert len(remaining) == 2 and used[0] in remaining and unused not in remaining
+    store_new((8, 8, 6))  # no limit set: only the stale temporary file goes
     assert not stale.exists() and live.exists()
+    third = next(path for path in cache_dir.glob("*.exe") if path not in (first, second))
+    removed = executable_cache.prune(cache_dir, max_bytes=first.stat().st_size + third.stat().st_size)
+    assert removed == [second] and {first, third} == set(cache_dir.glob("*.exe"))
+
+    # A store applies JAX's limit and never removes what it just wrote.
+    jax.config.update("jax_compilation_cache_max_size", 1)
+    store_new((8, 6, 6))
+    remaining = list(cache_dir.glob("*.exe"))
+    assert len(remaining) == 1 and remaining[0] not in (first, third)
 
     # A limit of 0 means "cache nothing", as for JAX's own cache.
     jax.config.update("jax_compilation_cache_max_size", 0)
