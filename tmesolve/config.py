@@ -506,7 +506,8 @@ class PatientConfig:
 class TherapyConfig:
     """Attributes: name; regimens (REGIMENS names, combined); start_day (d ≥ 0);
     act_cells (cells per infusion or None: parameter default); weight_kg;
-    management_rule (hold drugs and give steroids at irAE grade ≥ 3)."""
+    management_rule (the irAE rule: withhold the checkpoint drugs and give steroids at
+    grade ≥ 3, resume or stop for good as the labels direct; tmesolve.model.systemic)."""
 
     name: str
     regimens: tuple[str, ...]
