@@ -662,6 +662,9 @@ def _score(
         pfs, event = float(result.time_to_progression_h), True
     baseline = int(np.argmin(np.abs(times - lead_in_h)))
     largest = sample.largest_lesion
+    # Resumptions are counted in the state, not sampled: a hold that began and
+    # ended between two records still counts as held.
+    resumed = bool(np.max(records["therapy_resumptions"]) >= 0.5)
     return PatientOutcome(
         patient_id=sample.patient_id,
         arm=arm,
@@ -679,11 +682,8 @@ def _score(
         durable_cr=bool(result.durable_cr),
         # The state's running peak: a grade reached between weekly records counts.
         max_irae_grade=int(round(float(np.max(records["irae_peak_grade"])))),
-        # A hold that began and ended between two records still counts: a
-        # resumption is counted in the state, not sampled.
-        therapy_held=bool(np.max(records["therapy_held"]) >= 0.5
-                          or np.max(records["therapy_resumptions"]) >= 0.5),
-        therapy_resumed=bool(np.max(records["therapy_resumptions"]) >= 0.5),
+        therapy_held=bool(np.max(records["therapy_held"]) >= 0.5) or resumed,
+        therapy_resumed=resumed,
         therapy_discontinued=bool(np.max(records["therapy_discontinued"]) >= 0.5),
         baseline_pdl1=_largest_value(records["mean_pd_l1"][baseline], largest),
         baseline_class=CLASS_NAMES[

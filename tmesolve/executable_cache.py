@@ -461,7 +461,12 @@ def prune(directory: Path, keep: str | None = None, max_bytes: int | None = None
         removed.append(path)
         return True
 
-    for path in directory.iterdir():
+    try:
+        listing = list(directory.iterdir())
+    except OSError:
+        return removed  # an unreadable folder: the entry just stored still counts as stored
+    kept_size = 0
+    for path in listing:
         try:
             info = path.stat()
         except OSError:
@@ -469,11 +474,13 @@ def prune(directory: Path, keep: str | None = None, max_bytes: int | None = None
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             if now - info.st_mtime > STALE_TEMPORARY_S:
                 remove(path)
-        elif path.suffix == ".exe" and path.stem != keep:
-            entries.append((info.st_mtime, info.st_size, path))
+        elif path.suffix == ".exe":
+            if path.stem == keep:
+                kept_size = info.st_size
+            else:
+                entries.append((info.st_mtime, info.st_size, path))
     if max_bytes < 0:
         return removed
-    kept_size = (directory / f"{keep}.exe").stat().st_size if keep and (directory / f"{keep}.exe").exists() else 0
     total = kept_size + sum(size for _, size, _ in entries)
     for _, size, path in sorted(entries, key=lambda entry: entry[0]):  # least recently used first
         if total <= max_bytes:
