@@ -375,6 +375,9 @@ def test_tiny_trial_runs_end_to_end_and_writes_its_files(tmp_path, shared_integr
     assert len((out / "patients.csv").read_text().splitlines()) == 1 + 4 * len(arms)
     report = (out / "report.txt").read_text()
     assert "UNCALIBRATED" in report and "CheckMate 067" in report and "log-rank" in report
+    assert "RECIST 1.1 scans every 6 wk and at the end" in report
+    with h5py.File(out / "cohort.h5", "r") as handle:
+        assert handle.attrs["first_assessment_h"] == handle.attrs["assessment_interval_h"] == 6 * WEEK_H
     spread = summary["biomarkers"]["pdl1"]["cohort"]
     baseline = [o.baseline_pdl1 for o in result.outcomes["ipilimumab"]]
     assert spread["min"] == min(baseline) and spread["max"] == max(baseline)
@@ -464,6 +467,8 @@ def test_cli_help_lists_every_preset_and_no_foreign_group(capsys):
         (["params.no_such_symbol=1"], "params.no_such_symbol"),
         (["trial.no_such_setting=1"], "trial.no_such_setting"),
         (["solver.dtype=float16"], "solver.dtype"),
+        (["trial.first_assessment_weeks=0"], "trial.first_assessment_weeks"),
+        (["trial.first_assessment_weeks=30"], "trial.first_assessment_weeks"),  # trial.weeks: 24
         (["--preset", "melanoma"], "--preset"),
     ],
 )
@@ -551,10 +556,28 @@ def test_cli_module_exits_non_zero_with_one_line(tmp_path):
     assert "cohort: got 'glioma'" in done.stderr
 
 
+def test_first_scan_can_come_later_than_the_interval():
+    """CheckMate 067's schedule: a baseline, the first scan at week 12, then every 6 weeks."""
+    from types import SimpleNamespace
+
+    from tmesolve.cohort import _assessment_times, _scan_schedule
+
+    lead_in = 2 * WEEK_H
+    scans = _assessment_times(lead_in, lead_in + 26 * WEEK_H, 6 * WEEK_H, 12 * WEEK_H)
+    np.testing.assert_allclose((scans - lead_in) / WEEK_H, [12, 18, 24, 26])  # and the end
+    default = _assessment_times(lead_in, lead_in + 26 * WEEK_H, 6 * WEEK_H)
+    np.testing.assert_allclose((default - lead_in) / WEEK_H, [6, 12, 18, 24, 26])
+    late = SimpleNamespace(first_assessment_h=12 * WEEK_H, assessment_interval_h=6 * WEEK_H)
+    assert _scan_schedule(late) == "at week 12, then every 6 wk"
+
+
 def test_run_trial_refuses_bad_settings_before_compiling():
     samples = sample_cohort(small_spec(2, seed=0))
     with pytest.raises(ConfigError, match="trial.arms"):
         run_trial(samples, ["nivolumab", "aspirin"], GRID, WEEK_H)
+    for bad in (0.0, 2 * WEEK_H):  # none, or after the one week of therapy
+        with pytest.raises(ConfigError, match="trial.first_assessment_h"):
+            run_trial(samples, ["nivolumab"], GRID, WEEK_H, first_assessment_h=bad)
     with pytest.raises(ConfigError, match="radius_um"):
         run_trial(samples, ["nivolumab"], Grid((3, 3, 3), 100.0), WEEK_H)  # half box 150 µm
     with pytest.raises(ConfigError, match="trial.duration_h"):

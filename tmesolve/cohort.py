@@ -33,9 +33,11 @@ started near packing settles with its vasculature), therapy from
 ``lead_in_h`` for ``duration_h``. The RECIST baseline is the record at the
 start of therapy (the baseline scan precedes treatment); assessments every
 ``assessment_interval_h`` (6 weeks, as in most checkpoint trials) and at the
-end. Readouts are recorded every ``record_interval_h`` (7 days), at the
-assessments and at t = 0; the loop also stops at every dose time of every arm,
-so doses fall on step boundaries.
+end, the first of them after ``first_assessment_h`` when that is set
+(CheckMate 067 scanned first at week 12, then every 6 weeks). Readouts are
+recorded every ``record_interval_h`` (7 days), at the assessments and at
+t = 0; the loop also stops at every dose time of every arm, so doses fall on
+step boundaries.
 
 Everything here is host-side numpy except the batched integration; nothing
 imports Hydra.
@@ -111,7 +113,9 @@ CHECKMATE_067_ORR: Mapping[str, float] = MappingProxyType(
 #: Biomarker cuts used by :func:`summarize_trial` (defaults; all documented there).
 TMB_HIGH_MUT_PER_MB = 10.0  # KEYNOTE-158 / FDA tissue-agnostic cut
 PDL1_HIGH = 0.5  # tumour PD-L1 ≥ 0.5: the analogue of TPS ≥ 50 % (KEYNOTE-024)
-IRAE_POSITIVE_GRADE = 2  # grade ≥ 2: the grade at which irAEs are treated (steroids)
+#: grade ≥ 2: clinically the grade from which irAEs are usually treated with steroids
+#: (Brahmer 2018, ASCO guideline); the model itself starts steroids at params.hold_grade (3).
+IRAE_POSITIVE_GRADE = 2
 
 #: Memory model for the automatic chunk size: bytes per patient-arm ≈ factor ×
 #: the patient's state. XLA's memory analysis of the batched TME loop reported
@@ -558,6 +562,7 @@ class TrialResult:
         grid: the lesion grid.
         lead_in_h, duration_h: untreated lead-in and time on therapy (h).
         assessment_interval_h, durable_cr_h: RECIST settings (h).
+        first_assessment_h: time from the baseline to the first scan (h).
         record_times_h: (records,) times of the readouts (h from the start of the run).
         stop_times_h: (stops,) every time the host loop stopped (records and doses of all arms).
         assessment_times_h: (assessments,) RECIST assessment times (h from the start of the run).
@@ -578,6 +583,7 @@ class TrialResult:
     duration_h: float
     assessment_interval_h: float
     durable_cr_h: float
+    first_assessment_h: float
     record_times_h: np.ndarray
     stop_times_h: np.ndarray
     assessment_times_h: np.ndarray
@@ -625,12 +631,24 @@ def _check_arms(arms: Sequence[str]) -> tuple[str, ...]:
     return tuple(arms)
 
 
-def _assessment_times(baseline_h: float, end_h: float, interval_h: float) -> np.ndarray:
-    """Scans every ``interval_h`` after the baseline, and one at the end of the run."""
-    times = np.arange(baseline_h + interval_h, end_h + 1e-9, interval_h)
+def _assessment_times(
+    baseline_h: float, end_h: float, interval_h: float, first_h: float | None = None
+) -> np.ndarray:
+    """The first scan ``first_h`` after the baseline (default ``interval_h``), then one every
+    ``interval_h``, and one at the end of the run."""
+    first_h = interval_h if first_h is None else first_h
+    times = np.arange(baseline_h + first_h, end_h + 1e-9, interval_h)
     if times.size == 0 or times[-1] < end_h - 1e-9:
         times = np.append(times, end_h)
     return times
+
+
+def _scan_schedule(result: TrialResult) -> str:
+    """The scans in words: "every 6 wk", or "at week 12, then every 6 wk"."""
+    every = f"every {result.assessment_interval_h / _WEEK_H:g} wk"
+    if abs(result.first_assessment_h - result.assessment_interval_h) < 1e-9:
+        return every
+    return f"at week {result.first_assessment_h / _WEEK_H:g}, then {every}"
 
 
 def _largest_value(values: np.ndarray, lesion: int) -> float:
@@ -701,6 +719,7 @@ def run_trial(
     *,
     lead_in_h: float = 336.0,
     assessment_interval_h: float = ASSESSMENT_INTERVAL_H,
+    first_assessment_h: float | None = None,
     record_interval_h: float = _WEEK_H,
     chunk_size: int | None = None,
     dtype: Any = jnp.float32,
@@ -723,6 +742,10 @@ def run_trial(
         duration_h: time on therapy after the lead-in (h).
         lead_in_h: untreated time before therapy; the RECIST baseline is the record here (h).
         assessment_interval_h: time between RECIST scans (h); the last scan is at the end.
+        first_assessment_h: time from the baseline to the first scan (h); None: one
+            ``assessment_interval_h``. Immunotherapy trials often scan first later than
+            they repeat (CheckMate 067: week 12, then every 6 weeks), so that an early
+            swelling before a response is not scored as progression.
         record_interval_h: time between readout records (h).
         chunk_size: patient-arms advanced together; None chooses it per lesion-count group
             from the free memory (:func:`choose_chunk_size`: ½ of the free device memory
@@ -759,6 +782,17 @@ def run_trial(
     duration_h = check_positive("trial.duration_h", duration_h)
     lead_in_h = check_non_negative("trial.lead_in_h", lead_in_h)
     assessment_interval_h = check_positive("trial.assessment_interval_h", assessment_interval_h)
+    if first_assessment_h is None:
+        # A trial shorter than the interval still has its scan at the end.
+        first_assessment_h = assessment_interval_h
+    else:
+        first_assessment_h = check_positive("trial.first_assessment_h", first_assessment_h)
+        if first_assessment_h > duration_h:
+            raise ConfigError(
+                "trial.first_assessment_h",
+                first_assessment_h,
+                f"at most trial.duration_h ({duration_h:g} h): the first scan after the trial's end",
+            )
     record_interval_h = check_positive("trial.record_interval_h", record_interval_h)
     durable_cr_h = check_positive("trial.durable_cr_h", durable_cr_h)
     if chunk_size is not None and (
@@ -779,7 +813,7 @@ def run_trial(
 
     # Stops: records (t = 0, every record interval, the baseline and every scan) and the
     # doses of every arm. Global, so a patient's stops do not depend on how it was chunked.
-    assessments = _assessment_times(lead_in_h, end_h, assessment_interval_h)
+    assessments = _assessment_times(lead_in_h, end_h, assessment_interval_h, first_assessment_h)
     records = np.unique(
         np.concatenate(
             [
@@ -941,6 +975,7 @@ def run_trial(
         duration_h=duration_h,
         assessment_interval_h=assessment_interval_h,
         durable_cr_h=durable_cr_h,
+        first_assessment_h=first_assessment_h,
         record_times_h=np.asarray(records, dtype=float),
         stop_times_h=np.asarray(stops, dtype=float),
         assessment_times_h=assessments,
@@ -1257,8 +1292,8 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
     lines.append(
         f"Grid {'x'.join(map(str, grid.shape))} voxels of {grid.spacing_um:g} um per lesion; "
         f"lead-in {result.lead_in_h / _WEEK_H:g} wk untreated, "
-        f"then {result.duration_h / _WEEK_H:g} wk of therapy; RECIST 1.1 scans every "
-        f"{result.assessment_interval_h / _WEEK_H:g} wk and at the end "
+        f"then {result.duration_h / _WEEK_H:g} wk of therapy; RECIST 1.1 scans "
+        f"{_scan_schedule(result)} and at the end "
         f"({result.settings['dtype']}, dt_max {result.settings['dt_max_h']:g} h)."
     )
     if cohort is not None and cohort.source:
@@ -1479,6 +1514,7 @@ def write_trial(
             "lead_in_h",
             "duration_h",
             "assessment_interval_h",
+            "first_assessment_h",
             "durable_cr_h",
             "wall_time_s",
         ):

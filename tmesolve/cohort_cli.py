@@ -145,6 +145,15 @@ def plan_trial(cfg: DictConfig) -> TrialPlan:
         name: check_positive(f"trial.{name}", trial[name])
         for name in ("weeks", "assessment_weeks", "durable_cr_weeks")
     }
+    first_weeks = trial.first_assessment_weeks
+    if first_weeks is not None:
+        first_weeks = check_positive("trial.first_assessment_weeks", first_weeks)
+        if first_weeks > weeks["weeks"]:
+            raise ConfigError(
+                "trial.first_assessment_weeks",
+                first_weeks,
+                f"at most trial.weeks ({weeks['weeks']:g}): the first scan after the trial's end",
+            )
     lead_in_weeks = check_range("trial.lead_in_weeks", trial.lead_in_weeks, 0.0, 520.0)
     weight_kg = check_range("trial.weight_kg", trial.weight_kg, 1.0, 500.0)
     solver = cfg.solver
@@ -172,6 +181,7 @@ def plan_trial(cfg: DictConfig) -> TrialPlan:
     options = {
         "lead_in_h": lead_in_weeks * week_h,
         "assessment_interval_h": weeks["assessment_weeks"] * week_h,
+        "first_assessment_h": None if first_weeks is None else first_weeks * week_h,
         "durable_cr_h": weeks["durable_cr_weeks"] * week_h,
         "chunk_size": solver.chunk_size,
         "dt_max": dt_max_h,

@@ -294,6 +294,8 @@ class TrialConf:
     weeks: float = 24.0
     lead_in_weeks: float = 2.0
     assessment_weeks: float = 6.0
+    #: weeks from the baseline to the first scan; null: assessment_weeks.
+    first_assessment_weeks: float | None = None
     durable_cr_weeks: float = 5 * 365.25 / 7
     weight_kg: float = 75.0
 
