@@ -129,7 +129,12 @@ class Eigenbasis:
 
     def forward(self, u: jnp.ndarray) -> jnp.ndarray:
         """Coefficients û of fields (..., nx, ny, nz)."""
-        return self._apply(u, inverse=False)
+        # The barrier materialises u first. The transform reads u through a strided
+        # copy into its first matrix product, and XLA's CPU backend would fuse u's
+        # producer into that copy: the TME pressure solve then evaluated its whole
+        # right-hand side (local terms, motility fluxes) in transposed order, and
+        # the transport ran 1.5× slower. On an array already in memory it costs nothing.
+        return self._apply(jax.lax.optimization_barrier(u), inverse=False)
 
     def inverse(self, coefficients: jnp.ndarray) -> jnp.ndarray:
         return self._apply(coefficients, inverse=True)
