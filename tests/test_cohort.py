@@ -489,13 +489,18 @@ def test_cli_sweep_writes_trials_and_one_summary_row_per_job_and_arm(tmp_path, c
     from tmesolve.cli import summary_main
 
     sweep = tmp_path / "sweep"
-    argv = ["-m", "cohort=melanoma,rcc", *TINY_TRIAL, "params.k_kill=0.25"]
+    # The first scan after 1 of the 2 weeks of therapy (then one at the end).
+    argv = ["-m", "cohort=melanoma,rcc", *TINY_TRIAL, "params.k_kill=0.25", "trial.first_assessment_weeks=1"]
     assert main([*argv, f"hydra.sweep.dir={sweep}"]) == 0
     for job, preset in (("0", "melanoma"), ("1", "rcc")):
         folder = sweep / job
         for name in ("cohort.h5", "patients.csv", "summary.csv", "report.txt"):
             assert (folder / name).stat().st_size > 0, (job, name)
+        assert "scans at week 1, then every 6 wk and at the end" in (folder / "report.txt").read_text()
         with h5py.File(folder / "cohort.h5", "r") as handle:
+            assert handle.attrs["first_assessment_h"] == WEEK_H
+            # A week of lead-in: scans at weeks 1 and 2 of therapy.
+            np.testing.assert_allclose(handle["assessment_time_h"][()], [2 * WEEK_H, 3 * WEEK_H])
             assert f"cohort={preset}" in handle.attrs["overrides"]
             assert "k_kill: 0.25" in handle.attrs["config"]
             assert len(handle["cohort/lesions/tmb"]) == 2
@@ -567,8 +572,14 @@ def test_first_scan_can_come_later_than_the_interval():
     np.testing.assert_allclose((scans - lead_in) / WEEK_H, [12, 18, 24, 26])  # and the end
     default = _assessment_times(lead_in, lead_in + 26 * WEEK_H, 6 * WEEK_H)
     np.testing.assert_allclose((default - lead_in) / WEEK_H, [6, 12, 18, 24, 26])
-    late = SimpleNamespace(first_assessment_h=12 * WEEK_H, assessment_interval_h=6 * WEEK_H)
-    assert _scan_schedule(late) == "at week 12, then every 6 wk"
+    def schedule(first, interval, duration):
+        return _scan_schedule(SimpleNamespace(first_assessment_h=first * WEEK_H,
+                                              assessment_interval_h=interval * WEEK_H,
+                                              duration_h=duration * WEEK_H))
+
+    assert schedule(12, 6, 24) == "at week 12, then every 6 wk and at the end"
+    assert schedule(6, 6, 24) == "every 6 wk and at the end"
+    assert schedule(6, 6, 2) == "only at the end (week 2)"  # a trial shorter than the interval
 
 
 def test_run_trial_refuses_bad_settings_before_compiling():

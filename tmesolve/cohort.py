@@ -644,11 +644,15 @@ def _assessment_times(
 
 
 def _scan_schedule(result: TrialResult) -> str:
-    """The scans in words: "every 6 wk", or "at week 12, then every 6 wk"."""
-    every = f"every {result.assessment_interval_h / _WEEK_H:g} wk"
-    if abs(result.first_assessment_h - result.assessment_interval_h) < 1e-9:
-        return every
-    return f"at week {result.first_assessment_h / _WEEK_H:g}, then {every}"
+    """The scans in words: "every 6 wk and at the end", "at week 12, then every 6 wk and
+    at the end", or "only at the end (week 4)" when the first scan would not come sooner."""
+    first, interval = result.first_assessment_h, result.assessment_interval_h
+    if first >= result.duration_h - 1e-9:
+        return f"only at the end (week {result.duration_h / _WEEK_H:g})"
+    every = f"every {interval / _WEEK_H:g} wk"
+    if abs(first - interval) > 1e-9:
+        every = f"at week {first / _WEEK_H:g}, then {every}"
+    return f"{every} and at the end"
 
 
 def _largest_value(values: np.ndarray, lesion: int) -> float:
@@ -791,7 +795,7 @@ def run_trial(
             raise ConfigError(
                 "trial.first_assessment_h",
                 first_assessment_h,
-                f"at most trial.duration_h ({duration_h:g} h): the first scan after the trial's end",
+                f"at most trial.duration_h ({duration_h:g} h); a later first scan would never happen",
             )
     record_interval_h = check_positive("trial.record_interval_h", record_interval_h)
     durable_cr_h = check_positive("trial.durable_cr_h", durable_cr_h)
@@ -1293,7 +1297,7 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
         f"Grid {'x'.join(map(str, grid.shape))} voxels of {grid.spacing_um:g} um per lesion; "
         f"lead-in {result.lead_in_h / _WEEK_H:g} wk untreated, "
         f"then {result.duration_h / _WEEK_H:g} wk of therapy; RECIST 1.1 scans "
-        f"{_scan_schedule(result)} and at the end "
+        f"{_scan_schedule(result)} "
         f"({result.settings['dtype']}, dt_max {result.settings['dt_max_h']:g} h)."
     )
     if cohort is not None and cohort.source:

@@ -152,7 +152,7 @@ def plan_trial(cfg: DictConfig) -> TrialPlan:
             raise ConfigError(
                 "trial.first_assessment_weeks",
                 first_weeks,
-                f"at most trial.weeks ({weeks['weeks']:g}): the first scan after the trial's end",
+                f"at most trial.weeks ({weeks['weeks']:g}); a later first scan would never happen",
             )
     lead_in_weeks = check_range("trial.lead_in_weeks", trial.lead_in_weeks, 0.0, 520.0)
     weight_kg = check_range("trial.weight_kg", trial.weight_kg, 1.0, 500.0)
