@@ -570,8 +570,9 @@ def test_first_scan_can_come_later_than_the_interval():
     lead_in = 2 * WEEK_H
     scans = _assessment_times(lead_in, lead_in + 26 * WEEK_H, 6 * WEEK_H, 12 * WEEK_H)
     np.testing.assert_allclose((scans - lead_in) / WEEK_H, [12, 18, 24, 26])  # and the end
-    default = _assessment_times(lead_in, lead_in + 26 * WEEK_H, 6 * WEEK_H)
+    default = _assessment_times(lead_in, lead_in + 26 * WEEK_H, 6 * WEEK_H, 6 * WEEK_H)
     np.testing.assert_allclose((default - lead_in) / WEEK_H, [6, 12, 18, 24, 26])
+
     def schedule(first, interval, duration):
         return _scan_schedule(SimpleNamespace(first_assessment_h=first * WEEK_H,
                                               assessment_interval_h=interval * WEEK_H,

@@ -631,12 +631,9 @@ def _check_arms(arms: Sequence[str]) -> tuple[str, ...]:
     return tuple(arms)
 
 
-def _assessment_times(
-    baseline_h: float, end_h: float, interval_h: float, first_h: float | None = None
-) -> np.ndarray:
-    """The first scan ``first_h`` after the baseline (default ``interval_h``), then one every
-    ``interval_h``, and one at the end of the run."""
-    first_h = interval_h if first_h is None else first_h
+def _assessment_times(baseline_h: float, end_h: float, interval_h: float, first_h: float) -> np.ndarray:
+    """The first scan ``first_h`` after the baseline, then one every ``interval_h``, and one
+    at the end of the run."""
     times = np.arange(baseline_h + first_h, end_h + 1e-9, interval_h)
     if times.size == 0 or times[-1] < end_h - 1e-9:
         times = np.append(times, end_h)
