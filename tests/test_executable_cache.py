@@ -187,6 +187,21 @@ def test_the_digest_tells_apart_what_names_alone_would_not():
         executable_cache.object_digest(type("Plugin", (), {"__module__": "tmesolve_plugins.model"})())
 
 
+def test_the_digest_of_a_model_does_not_depend_on_what_else_holds_its_code():
+    """Marshal's newer formats mark objects by reference count: a live closure changed the key.
+
+    In a full test run the second of two identical integrators then looked
+    for another entry than the first had written (a cache miss, found as a
+    missing "ignoring ... entry" warning).
+    """
+    model = FisherKPP(GRID, path="explicit")
+    before = executable_cache.object_digest(model)
+    nested_code = [constant for method in (FisherKPP.react, FisherKPP.transport)
+                   for constant in method.__code__.co_consts if hasattr(constant, "co_code")]
+    assert nested_code  # the methods do define closures: their code objects now have another holder
+    assert executable_cache.object_digest(FisherKPP(GRID, path="explicit")) == before
+
+
 def test_a_changed_module_constant_or_edited_source_is_never_served_from_the_cache(cache_dir, monkeypatch):
     from tmesolve import implicit
 

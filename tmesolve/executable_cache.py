@@ -161,9 +161,19 @@ def _jaxlib_version() -> str:
 
 
 def _code_bytes(function: Any) -> bytes:
-    """The compiled code of a Python function (two lambdas of one scope differ here, not by name)."""
+    """The compiled code of a Python function (two lambdas of one scope differ here, not by name).
+
+    Marshal format 2, not the current one: from format 3 on, marshal marks an
+    object for back-references when its reference count is above one, so the
+    bytes of one code object change with how many closures of it are alive
+    (the garbage collector's timing), and so would the entry's key.
+    """
     code = getattr(function, "__code__", None)
-    return marshal.dumps(code) if code is not None else b""
+    return marshal.dumps(code, _MARSHAL_FORMAT_WITHOUT_REFERENCES) if code is not None else b""
+
+
+#: The newest marshal format that writes no reference flags (see :func:`_code_bytes`).
+_MARSHAL_FORMAT_WITHOUT_REFERENCES = 2
 
 
 def _digest_into(digest, value: Any, seen: dict[int, int], path: str) -> None:
