@@ -11,6 +11,12 @@ splitting error wherever diffusion feeds the tumour (√(D_O/Λ) ≈ 100–200 �
 Solved with its diffusion (tmesolve.implicit), the figures should agree
 across the four steps.
 
+Every field is also compared with the finest run at the end (relative L2,
+``field_relative_l2_to_finest``), and the three coarser steps are run once
+more with ``solver.merge_reactions`` (one reaction evaluation per Strang step
+instead of two halves), to show what that scheme costs in accuracy against
+plain Strang at the same step.
+
     python -m benchmarks.dt_convergence [--out benchmarks/results/dt-convergence.json]
 """
 
@@ -30,8 +36,13 @@ RECORD_H = 3.0
 HYPOXIC_MMHG = 2.5   # O_n, the half-point of the necrosis switch
 
 
-def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: float = 300.0) -> dict:
-    """One run of the default lesion for DURATION_H at ``dt_max_h``: oxygen and necrosis figures."""
+def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: float = 300.0,
+        merge_reactions: bool = False) -> dict:
+    """One run of the default lesion for DURATION_H at ``dt_max_h``: oxygen and necrosis figures.
+
+    The final fields (float64, by species name) are under ``"_fields"``, for
+    the comparison with the finest run; they are not written to the JSON.
+    """
     from tmesolve.grid import Grid
     from tmesolve.integrate import Integrator, make_solver_params
     from tmesolve.model.tme_setup import LesionSpec, setup_tme
@@ -39,7 +50,7 @@ def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: f
     grid = Grid((shape,) * 3, spacing_um)
     setup = setup_tme(grid, [LesionSpec("inflamed", radius_um=radius_um)], therapy="pembrolizumab",
                       duration_h=24.0)
-    integrator = Integrator(setup.model, 2)
+    integrator = Integrator(setup.model, 2, merge_reactions)
     solver = make_solver_params(dt_max_h)
     state, steps = setup.state, 0
     start = time.perf_counter()
@@ -54,6 +65,7 @@ def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: f
     voxel_mm3 = grid.voxel_volume_mm3
     return {
         "dt_max_h": dt_max_h,
+        "merge_reactions": merge_reactions,
         "steps": steps,
         "wall_s": wall_s,
         "oxygen_mean_mmHg": float(oxygen.mean()),
@@ -61,7 +73,15 @@ def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: f
         "hypoxic_voxels": int((oxygen < HYPOXIC_MMHG).sum()),
         "necrotic_cells": float(fields[model.index("necrotic_debris")].sum() * voxel_mm3),
         "viable_tumour_cells": float(fields[model.index("tumour_cells")].sum() * voxel_mm3),
+        "_fields": {species.name: fields[model.index(species.name)] for species in model.species},
     }
+
+
+def relative_l2(field: np.ndarray, reference: np.ndarray) -> float:
+    """‖field − reference‖₂ / ‖reference‖₂ (0 where both vanish)."""
+    norm = float(np.linalg.norm(reference))
+    difference = float(np.linalg.norm(field - reference))
+    return difference / norm if norm > 0 else difference
 
 
 def main(argv=None) -> dict:
@@ -69,19 +89,34 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/dt-convergence.json")
     args = parser.parse_args(argv)
     runs = [run(dt) for dt in DT_MAX_H]
+    merged = [run(dt, merge_reactions=True) for dt in DT_MAX_H[:-1]]
     finest = runs[-1]
-    for entry in runs:
+    for entry in runs + merged:
         entry["necrosis_ratio_to_finest"] = entry["necrotic_cells"] / max(finest["necrotic_cells"], 1e-30)
         entry["tumour_oxygen_ratio_to_finest"] = (entry["oxygen_mean_in_tumour_mmHg"]
                                                   / finest["oxygen_mean_in_tumour_mmHg"])
+        entry["field_relative_l2_to_finest"] = {
+            name: relative_l2(field, finest["_fields"][name]) for name, field in entry["_fields"].items()}
+    for entry in runs + merged:
+        del entry["_fields"]
     result = {"machine": machine_info(), "case": "default lesion: 24^3 x 50 um, inflamed, r = 300 um, "
-              f"pembrolizumab, {DURATION_H:g} h, plain Strang, float32", "runs": runs}
+              f"pembrolizumab, {DURATION_H:g} h, float32; runs: plain Strang; merged_runs: "
+              "solver.merge_reactions; field errors against the finest plain run",
+              "runs": runs, "merged_runs": merged}
     print(f"{'dt_max h':>9} {'steps':>6} {'O tumour':>9} {'hypoxic vox':>11} {'necrotic cells':>15} "
           f"{'x finest':>9} {'viable cells':>13}")
     for entry in runs:
         print(f"{entry['dt_max_h']:9g} {entry['steps']:6d} {entry['oxygen_mean_in_tumour_mmHg']:9.2f} "
               f"{entry['hypoxic_voxels']:11d} {entry['necrotic_cells']:15.4g} "
               f"{entry['necrosis_ratio_to_finest']:9.1f} {entry['viable_tumour_cells']:13.6g}")
+    print(f"\nrelative L2 against the {finest['dt_max_h']:g} h run, the five largest at the coarsest step:")
+    coarsest = runs[0]["field_relative_l2_to_finest"]
+    shown = sorted(coarsest, key=coarsest.get, reverse=True)[:5] + ["tumour_cells"]
+    print(f"{'dt_max h':>9} {'scheme':>7} " + " ".join(f"{name:>17}" for name in shown))
+    for entry in [e for pair in zip(runs, merged) for e in pair]:
+        errors = entry["field_relative_l2_to_finest"]
+        scheme = "merged" if entry["merge_reactions"] else "Strang"
+        print(f"{entry['dt_max_h']:9g} {scheme:>7} " + " ".join(f"{errors[name]:17.2e}" for name in shown))
     write_json(args.out, result)
     return result
 
