@@ -187,19 +187,52 @@ def test_the_digest_tells_apart_what_names_alone_would_not():
         executable_cache.object_digest(type("Plugin", (), {"__module__": "tmesolve_plugins.model"})())
 
 
-def test_the_digest_of_a_model_does_not_depend_on_what_else_holds_its_code():
-    """Marshal's newer formats mark objects by reference count: a live closure changed the key.
+def _closure_factory():
+    def scaled(u):
+        return 2.0 * u
+
+    return scaled
+
+
+def test_the_digest_of_code_does_not_depend_on_what_else_holds_it():
+    """Marshal's newer formats flag objects with several holders: a live closure changed the key.
 
     In a full test run the second of two identical integrators then looked
     for another entry than the first had written (a cache miss, found as a
     missing "ignoring ... entry" warning).
     """
-    model = FisherKPP(GRID, path="explicit")
-    before = executable_cache.object_digest(model)
-    nested_code = [constant for method in (FisherKPP.react, FisherKPP.transport)
-                   for constant in method.__code__.co_consts if hasattr(constant, "co_code")]
-    assert nested_code  # the methods do define closures: their code objects now have another holder
-    assert executable_cache.object_digest(FisherKPP(GRID, path="explicit")) == before
+    before = executable_cache._code_bytes(_closure_factory)
+    kept = _closure_factory()  # its code object, a constant of the factory's, now has a second holder
+    assert executable_cache._code_bytes(_closure_factory) == before
+    del kept
+
+
+def test_the_digest_of_code_sees_constants_and_bytecode():
+    def first(u):
+        return u[1:-1] * 0.5
+
+    def second(u):
+        return u[1:-2] * 0.5
+
+    def third(u):
+        return u[1:-1] * 0.25
+
+    def fourth(u):
+        return u[1:-1] / 0.5
+
+    digests = {executable_cache._code_bytes(function) for function in (first, second, third, fourth)}
+    assert len(digests) == 4
+
+
+def test_the_module_digest_does_not_depend_on_which_modules_are_loaded(monkeypatch):
+    """A module first imported during a trace (the TME readouts import tmesolve.readouts) changes no key."""
+    import sys
+
+    before = executable_cache.module_settings_digest()
+    monkeypatch.delitem(sys.modules, "tmesolve.recist")  # as if nothing had imported it yet
+    assert executable_cache.module_settings_digest() == before
+    monkeypatch.setitem(sys.modules, "tmesolve.plots", None)  # host-only modules are not part of it
+    assert executable_cache.module_settings_digest() == before
 
 
 def test_a_changed_module_constant_or_edited_source_is_never_served_from_the_cache(cache_dir, monkeypatch):

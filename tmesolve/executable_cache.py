@@ -47,9 +47,9 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import importlib
 import inspect
 import logging
-import marshal
 import os
 import pickle
 import platform
@@ -161,19 +161,56 @@ def _jaxlib_version() -> str:
 
 
 def _code_bytes(function: Any) -> bytes:
-    """The compiled code of a Python function (two lambdas of one scope differ here, not by name).
+    """Digest of a Python function's compiled code (two lambdas of one scope differ here, not by name).
 
-    Marshal format 2, not the current one: from format 3 on, marshal marks an
-    object for back-references when its reference count is above one, so the
-    bytes of one code object change with how many closures of it are alive
-    (the garbage collector's timing), and so would the entry's key.
+    Built from the code object's parts, not from ``marshal``: from format 3
+    on, marshal flags every object that has more than one holder, so its bytes
+    for one function changed with whether a closure of it was alive (the
+    garbage collector's timing), and so did the entry's key; formats below 5
+    cannot write every constant of Python 3.14. File name and line numbers are
+    left out: the source digest already covers the text, and two checkouts at
+    different paths share entries.
     """
     code = getattr(function, "__code__", None)
-    return marshal.dumps(code, _MARSHAL_FORMAT_WITHOUT_REFERENCES) if code is not None else b""
+    if code is None:
+        return b""
+    digest = hashlib.sha256()
+    _code_into(digest, code)
+    return digest.digest()
 
 
-#: The newest marshal format that writes no reference flags (see :func:`_code_bytes`).
-_MARSHAL_FORMAT_WITHOUT_REFERENCES = 2
+def _code_into(digest, code: types.CodeType) -> None:
+    """Feed what a code object does into ``digest``: its bytecode, names, counts, flags and constants."""
+    name = getattr(code, "co_qualname", code.co_name)
+    digest.update(f"code {name} {code.co_argcount} {code.co_posonlyargcount} {code.co_kwonlyargcount} "
+                  f"{code.co_flags} {code.co_names!r} {code.co_varnames!r} {code.co_freevars!r} "
+                  f"{code.co_cellvars!r};".encode())
+    digest.update(code.co_code)  # the unspecialised bytecode (adaptive forms are not shown here)
+    digest.update(getattr(code, "co_exceptiontable", b""))
+    for constant in code.co_consts:
+        _constant_into(digest, constant)
+
+
+def _constant_into(digest, constant: Any) -> None:
+    """A code constant: nested code recursively, containers item by item, the rest by type and repr."""
+    if isinstance(constant, types.CodeType):
+        _code_into(digest, constant)
+    elif isinstance(constant, tuple):
+        digest.update(f"tuple[{len(constant)}](".encode())
+        for item in constant:
+            _constant_into(digest, item)
+        digest.update(b")")
+    elif isinstance(constant, frozenset):
+        # Iteration order follows hashes (salted for strings): sort the items' own digests.
+        items = []
+        for item in constant:
+            item_digest = hashlib.sha256()
+            _constant_into(item_digest, item)
+            items.append(item_digest.digest())
+        digest.update(f"frozenset[{len(constant)}](".encode() + b"".join(sorted(items)) + b")")
+    else:
+        # None, bools, numbers (repr round-trips floats exactly, -0.0 included), str, bytes, slices, Ellipsis.
+        digest.update(f"{type(constant).__name__}:{constant!r};".encode())
 
 
 def _digest_into(digest, value: Any, seen: dict[int, int], path: str) -> None:
@@ -292,16 +329,42 @@ def object_digest(value: Any) -> str:
     return digest.hexdigest()
 
 
+#: Modules that run on the host only (command lines, configuration, files,
+#: figures, this cache): nothing of theirs is read while a loop is traced.
+_HOST_ONLY_MODULES = frozenset({
+    "tmesolve.api", "tmesolve.cli", "tmesolve.cohort_cli", "tmesolve.config", "tmesolve.plots",
+    "tmesolve.io", "tmesolve.io.hdf5", "tmesolve.io.reader", "tmesolve.io.xdmf", __name__,
+})
+
+
+@functools.cache
+def _trace_module_names() -> tuple[str, ...]:
+    """Every module of the package but the host-only ones, from its files (nothing imported here)."""
+    names = []
+    for path in sorted(_PACKAGE_ROOT.rglob("*.py")):
+        parts = path.relative_to(_PACKAGE_ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        name = ".".join(("tmesolve", *parts))
+        if name not in _HOST_ONLY_MODULES and not name.endswith("__main__"):
+            names.append(name)
+    return tuple(names)
+
+
 def module_settings_digest() -> str:
-    """Digest of the plain module-level values of every loaded tmesolve module.
+    """Digest of the plain module-level values of every tmesolve module a trace may read.
 
     Constants such as solver tolerances are read while tracing; one changed at
     run time (``tmesolve.implicit.SOLVE_TOLERANCE = ...``) must give a new key.
     Functions and classes are covered by the source digest and the objects' digests.
+    The set of modules is fixed (those not yet loaded are imported): a module
+    first imported during a trace (``tmesolve.readouts`` in the TME readouts)
+    must not give the next identical integrator another key. Host-only modules
+    are left out, so a command-line flag or a plot module loaded later changes nothing.
     """
     digest = hashlib.sha256()
-    for name in sorted(name for name in sys.modules if _is_ours(name) and name != __name__):
-        module = sys.modules[name]
+    for name in _trace_module_names():
+        module = sys.modules.get(name) or importlib.import_module(name)
         digest.update(f"module:{name};".encode())
         for attribute, value in sorted(vars(module).items()):
             if attribute.startswith("__") or not (_is_setting(value) or isinstance(value, (np.ndarray, dict, list))):
