@@ -65,7 +65,7 @@ def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: f
     voxel_mm3 = grid.voxel_volume_mm3
     return {
         "dt_max_h": dt_max_h,
-        "merge_reactions": merge_reactions,
+        "merge_reactions": integrator.merge_reactions,  # False where the stepper cannot merge
         "steps": steps,
         "wall_s": wall_s,
         "oxygen_mean_mmHg": float(oxygen.mean()),
