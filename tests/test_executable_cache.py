@@ -208,31 +208,44 @@ def test_the_digest_of_code_does_not_depend_on_what_else_holds_it():
 
 
 def test_the_digest_of_code_sees_constants_and_bytecode():
-    def first(u):
-        return u[1:-1] * 0.5
+    def named_f(body: str):
+        namespace = {}
+        exec(f"def f(u):\n    return {body}\n", namespace)  # one name and qualname for all four
+        return namespace["f"]
 
-    def second(u):
-        return u[1:-2] * 0.5
-
-    def third(u):
-        return u[1:-1] * 0.25
-
-    def fourth(u):
-        return u[1:-1] / 0.5
-
-    digests = {executable_cache._code_bytes(function) for function in (first, second, third, fourth)}
-    assert len(digests) == 4
+    bodies = ("u[1:-1] * 0.5", "u[1:-2] * 0.5", "u[1:-1] * 0.25", "u[1:-1] / 0.5")
+    digests = {executable_cache._code_bytes(named_f(body)) for body in bodies}
+    assert len(digests) == len(bodies)
+    assert executable_cache._code_bytes(named_f(bodies[0])) == executable_cache._code_bytes(named_f(bodies[0]))
 
 
-def test_the_module_digest_does_not_depend_on_which_modules_are_loaded(monkeypatch):
-    """A module first imported during a trace (the TME readouts import tmesolve.readouts) changes no key."""
+def test_the_module_digest_does_not_depend_on_which_modules_are_loaded_or_registered(monkeypatch):
+    """A module first imported during a trace (the TME readouts import tmesolve.readouts),
+    a builder registered by config validation, or a host-only flag changes no key."""
     import sys
 
+    import tmesolve
+    from tmesolve import cli, simulation
+
     before = executable_cache.module_settings_digest()
-    monkeypatch.delitem(sys.modules, "tmesolve.recist")  # as if nothing had imported it yet
+    monkeypatch.setattr(tmesolve, "readouts", tmesolve.readouts)  # restored with sys.modules below
+    monkeypatch.delitem(sys.modules, "tmesolve.readouts")  # as if nothing had imported it yet
     assert executable_cache.module_settings_digest() == before
-    monkeypatch.setitem(sys.modules, "tmesolve.plots", None)  # host-only modules are not part of it
+    simulation.available_kinds()  # fills the builder registry
+    monkeypatch.setattr(cli, "_debug", not cli._debug)
     assert executable_cache.module_settings_digest() == before
+
+
+def test_a_key_that_cannot_be_made_leaves_the_run_to_jax_jit(cache_dir, monkeypatch, caplog):
+    def broken(*_):
+        raise ImportError("a module being written")
+
+    monkeypatch.setattr(executable_cache, "entry_key", broken)
+    integrator = Integrator(FisherKPP(GRID, path="explicit"))
+    with caplog.at_level(logging.WARNING, logger="tmesolve.integrate"):
+        _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                       make_solver_params(0.1))
+    assert source == "jit" and "no key (ImportError: a module being written)" in caplog.text
 
 
 def test_a_changed_module_constant_or_edited_source_is_never_served_from_the_cache(cache_dir, monkeypatch):

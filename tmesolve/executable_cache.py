@@ -13,7 +13,7 @@ loads it without tracing:
   (x64, dtype promotion, matmul precision) and ``XLA_FLAGS``;
 * the tmesolve source: a digest of every ``.py`` file of the package, taken at
   import (nothing is stored or loaded once a file is newer than that), and
-  the plain module-level values of its loaded modules (a constant changed at
+  the plain module-level values of every module a trace may read (a constant changed at
   run time);
 * the integrator and its model: a recursive digest of their attributes
   (numbers, strings, enums, dataclasses, NumPy/JAX arrays by their bytes,
@@ -149,6 +149,7 @@ def environment_digest() -> str:
         f"backend {jax.default_backend()} {device.device_kind} {device.client.platform_version}",
         f"cpu {_cpu_flags()}",
         f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}",
+        f"python {sys.implementation.cache_tag}",  # bytecode, and so code digests, differ by version
     ]
     parts += [f"{name} {getattr(jax.config, name, None)}" for name in _TRACE_SETTINGS]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -182,11 +183,12 @@ def _code_bytes(function: Any) -> bytes:
 def _code_into(digest, code: types.CodeType) -> None:
     """Feed what a code object does into ``digest``: its bytecode, names, counts, flags and constants."""
     name = getattr(code, "co_qualname", code.co_name)
+    exception_table = getattr(code, "co_exceptiontable", b"")
     digest.update(f"code {name} {code.co_argcount} {code.co_posonlyargcount} {code.co_kwonlyargcount} "
                   f"{code.co_flags} {code.co_names!r} {code.co_varnames!r} {code.co_freevars!r} "
-                  f"{code.co_cellvars!r};".encode())
+                  f"{code.co_cellvars!r} {len(code.co_code)} {len(exception_table)};".encode())
     digest.update(code.co_code)  # the unspecialised bytecode (adaptive forms are not shown here)
-    digest.update(getattr(code, "co_exceptiontable", b""))
+    digest.update(exception_table)
     for constant in code.co_consts:
         _constant_into(digest, constant)
 
@@ -330,11 +332,16 @@ def object_digest(value: Any) -> str:
 
 
 #: Modules that run on the host only (command lines, configuration, files,
-#: figures, this cache): nothing of theirs is read while a loop is traced.
+#: figures, cohorts, set-up and scoring, this cache): nothing of theirs is
+#: read while a loop is traced. Leaving them out also keeps a cohort preset
+#: file (read when tmesolve.cohort is imported) out of a single run's key.
 _HOST_ONLY_MODULES = frozenset({
     "tmesolve.api", "tmesolve.cli", "tmesolve.cohort_cli", "tmesolve.config", "tmesolve.plots",
-    "tmesolve.io", "tmesolve.io.hdf5", "tmesolve.io.reader", "tmesolve.io.xdmf", __name__,
+    "tmesolve.io", "tmesolve.io.hdf5", "tmesolve.io.reader", "tmesolve.io.xdmf", "tmesolve.cohort",
+    "tmesolve.geometry", "tmesolve.recist", "tmesolve.model.tme_setup", __name__,
 })
+#: Module-level values that are registries filled at run time, not settings.
+_REGISTRIES = frozenset({("tmesolve.simulation", "BUILDERS")})
 
 
 @functools.cache
@@ -364,10 +371,16 @@ def module_settings_digest() -> str:
     """
     digest = hashlib.sha256()
     for name in _trace_module_names():
-        module = sys.modules.get(name) or importlib.import_module(name)
+        try:
+            module = sys.modules.get(name) or importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - a module being written: its name and the error stand for it
+            digest.update(f"module:{name}:unimportable:{type(error).__name__};".encode())
+            continue
         digest.update(f"module:{name};".encode())
         for attribute, value in sorted(vars(module).items()):
             if attribute.startswith("__") or not (_is_setting(value) or isinstance(value, (np.ndarray, dict, list))):
+                continue
+            if (name, attribute) in _REGISTRIES:
                 continue
             digest.update(f"{attribute}=".encode())
             try:

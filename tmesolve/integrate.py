@@ -231,7 +231,11 @@ class Integrator:
         if executable_cache.source_changed_since_import():
             logger.info("compiled-loop cache not used: tmesolve's source changed after it was imported")
             return _Loop(self._advance, "jit")
-        key = executable_cache.entry_key(owner, signature)
+        try:
+            key = executable_cache.entry_key(owner, signature)
+        except Exception as error:  # noqa: BLE001 - a key that cannot be made must not stop the run
+            logger.warning("compiled-loop cache not used: no key (%s: %s)", type(error).__name__, error)
+            return _Loop(self._advance, "jit")
         loaded = executable_cache.load(directory, key)
         if loaded is not None:
             return _Loop(loaded, "disk", key)
