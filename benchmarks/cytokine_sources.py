@@ -30,18 +30,15 @@ would all have to be rerun with it.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks import write_json
+from benchmarks import dt_convergence, write_json
 from benchmarks.machine import machine_info
 from tmesolve.model import tme
 
 #: The fast species whose production and decay move into the propagator (oxygen stays stiff-local).
 MOVED = tuple(tme.LINEAR_DECAYS)
-RECORD_H = 3.0
 SHOWN = ("tgf_beta", "ifn_gamma", "il2", "cxcl9_10", "anti_pd1", "exhausted_t_cells", "effector_t_cells",
          "tumour_cells")
 
@@ -82,33 +79,11 @@ class ProductionInPropagator(tme.TMEModel):
 
 
 def run(dt_max_h: float, production_in_propagator: bool, hours: float) -> dict:
-    """The default lesion for ``hours`` at ``dt_max_h``; the final fields under ``"_fields"``."""
-    from tmesolve.grid import Grid
-    from tmesolve.integrate import Integrator, make_solver_params
-    from tmesolve.model.tme_setup import LesionSpec, setup_tme
-
-    setup = setup_tme(Grid((24,) * 3, 50.0), [LesionSpec("inflamed", radius_um=300.0)],
-                      therapy="pembrolizumab", duration_h=hours + 24.0)
-    if production_in_propagator:
-        setup.model.__class__ = ProductionInPropagator  # same attributes, other methods
-    integrator = Integrator(setup.model, 2)
-    solver = make_solver_params(dt_max_h)
-    state, steps = setup.state, 0
-    start = time.perf_counter()
-    for stop in np.arange(RECORD_H, hours + 0.5 * RECORD_H, RECORD_H):
-        state, _, diagnostics = integrator.advance(state, setup.params, solver, float(stop))
-        steps += int(diagnostics["steps"])
-        if not bool(diagnostics["finite"]):
-            raise RuntimeError(f"non-finite fields at t = {stop} h")
-    fields = np.asarray(state.fields, dtype=np.float64)
-    return {"dt_max_h": dt_max_h, "production_in_propagator": production_in_propagator, "steps": steps,
-            "wall_s_with_compile": time.perf_counter() - start, "minimum_value": float(fields.min()),
-            "_fields": {species.name: fields[setup.model.index(species.name)] for species in setup.model.species}}
-
-
-def _relative_l2(field: np.ndarray, reference: np.ndarray) -> float:
-    norm = float(np.linalg.norm(reference))
-    return float(np.linalg.norm(field - reference)) / norm if norm > 0 else float(np.linalg.norm(field))
+    """The default lesion of :func:`benchmarks.dt_convergence.run` for ``hours`` at ``dt_max_h``."""
+    model_class = ProductionInPropagator if production_in_propagator else None
+    result = dt_convergence.run(dt_max_h, duration_h=hours, model_class=model_class)
+    result["production_in_propagator"] = production_in_propagator
+    return result
 
 
 def main(argv=None) -> dict:
@@ -121,9 +96,9 @@ def main(argv=None) -> dict:
     for entry in runs + [finest[True]]:
         fields = entry["_fields"]
         entry["relative_l2_to_finest_split"] = {
-            name: _relative_l2(fields[name], finest[False]["_fields"][name]) for name in fields}
+            name: dt_convergence.relative_l2(fields[name], finest[False]["_fields"][name]) for name in fields}
         entry["relative_l2_to_finest_same_scheme"] = {
-            name: _relative_l2(fields[name], finest[entry["production_in_propagator"]]["_fields"][name])
+            name: dt_convergence.relative_l2(fields[name], finest[entry["production_in_propagator"]]["_fields"][name])
             for name in fields}
     for entry in runs + list(finest.values()):
         del entry["_fields"]

@@ -37,11 +37,13 @@ HYPOXIC_MMHG = 2.5   # O_n, the half-point of the necrosis switch
 
 
 def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: float = 300.0,
-        merge_reactions: bool = False) -> dict:
-    """One run of the default lesion for DURATION_H at ``dt_max_h``: oxygen and necrosis figures.
+        merge_reactions: bool = False, duration_h: float = DURATION_H, model_class: type | None = None) -> dict:
+    """One run of the default lesion for ``duration_h`` at ``dt_max_h``: oxygen and necrosis figures.
 
     The final fields (float64, by species name) are under ``"_fields"``, for
     the comparison with the finest run; they are not written to the JSON.
+    ``model_class``: a subclass of TMEModel to run instead (same attributes,
+    other methods; benchmarks.cytokine_sources).
     """
     from tmesolve.grid import Grid
     from tmesolve.integrate import Integrator, make_solver_params
@@ -49,14 +51,18 @@ def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: f
 
     grid = Grid((shape,) * 3, spacing_um)
     setup = setup_tme(grid, [LesionSpec("inflamed", radius_um=radius_um)], therapy="pembrolizumab",
-                      duration_h=24.0)
+                      duration_h=duration_h + 12.0)
+    if model_class is not None:
+        setup.model.__class__ = model_class
     integrator = Integrator(setup.model, 2, merge_reactions)
     solver = make_solver_params(dt_max_h)
     state, steps = setup.state, 0
     start = time.perf_counter()
-    for stop in np.arange(RECORD_H, DURATION_H + 0.5 * RECORD_H, RECORD_H):
+    for stop in np.arange(RECORD_H, duration_h + 0.5 * RECORD_H, RECORD_H):
         state, _, diagnostics = integrator.advance(state, setup.params, solver, float(stop))
         steps += int(diagnostics["steps"])
+        if not bool(diagnostics["finite"]):
+            raise RuntimeError(f"non-finite fields at t = {stop:g} h (dt_max_h = {dt_max_h:g})")
     wall_s = time.perf_counter() - start
     fields = np.asarray(state.fields, dtype=np.float64)
     model = setup.model
@@ -73,6 +79,7 @@ def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: f
         "hypoxic_voxels": int((oxygen < HYPOXIC_MMHG).sum()),
         "necrotic_cells": float(fields[model.index("necrotic_debris")].sum() * voxel_mm3),
         "viable_tumour_cells": float(fields[model.index("tumour_cells")].sum() * voxel_mm3),
+        "minimum_value": float(fields.min()),
         "_fields": {species.name: fields[model.index(species.name)] for species in model.species},
     }
 
