@@ -207,7 +207,9 @@ def upwind_flux(u: jnp.ndarray, face_velocity: jnp.ndarray, axis: int, limited: 
     # The barrier materialises the fluxes. The divergence reads every face twice
     # (the cells on either side), and XLA's CPU backend would otherwise fuse the
     # reconstruction into it and compute each face, slopes and all, twice: the
-    # TME transport sub-solver ran 1.3–1.6× slower so (an A/B at 3 × 32³ and 48³).
+    # TME transport sub-solver ran slower so: with this barrier and the transform's
+    # (now in solve_poisson) it took 7.5 against 17.1 ms at 1 × 32³
+    # (`python -m benchmarks --only tme`, `substeps`, d43ebec against d453466).
     return jax.lax.optimization_barrier(flux)
 
 

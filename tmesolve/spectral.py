@@ -206,7 +206,7 @@ def solve_poisson(basis: Eigenbasis, right_hand_side: jnp.ndarray) -> jnp.ndarra
     # copy into its first matrix product, and XLA's CPU backend fused f's producer
     # into that copy: the TME pressure solve evaluated its whole right-hand side
     # (local terms, motility fluxes) in transposed order there, and the transport
-    # sub-solver ran 1.6× slower (an A/B of the sub-solver at 3 × 32³).
+    # sub-solver ran slower (both barriers: see operators.upwind_flux).
     right_hand_side = jax.lax.optimization_barrier(right_hand_side)
     kappa_squared = basis.kappa_squared(right_hand_side.dtype)
     safe = jnp.where(kappa_squared > 0, kappa_squared, 1.0)
