@@ -847,6 +847,8 @@ class CheckedModel(Model):
         self.exact = exact
         self.grid, self.species, self.lesions = inner.grid, inner.species, inner.lesions
         self.fast_boundary, self.spectrum = inner.fast_boundary, inner.spectrum
+        self.linear_source_species = inner.linear_source_species
+        self.linear_sources_vary = inner.linear_sources_vary
 
     def linear_coefficients(self, params):
         return self.inner.linear_coefficients(params.model)

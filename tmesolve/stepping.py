@@ -2,7 +2,8 @@
 
 A step composes three sub-solvers, each second-order accurate on its own:
 R (local reactions, :func:`positive_exponential_heun`), C (explicit cell transport,
-SSP-RK2) and L (exact spectral propagator of the fast linear species). A fast
+SSP-RK2) and L (spectral propagator of the fast linear species: exact for
+their diffusion and decay, ETD2RK for sources that change with the state). A fast
 species whose local terms are too stiff to split from its diffusion (a model's
 ``stiff_fast``, oxygen in the TME) is left out of L: the model's R advances it
 with its diffusion (:mod:`tmesolve.implicit`).
@@ -27,7 +28,6 @@ a complete Strang state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from tmesolve._pytree import replace
 from tmesolve.model.base import Model, State
-from tmesolve.spectral import Eigenbasis, propagate
+from tmesolve.spectral import Eigenbasis, etd2_weights, propagate
 
 SPLITTING_ORDERS = (1, 2)
 #: Switch branch of an empty sub-step (after reactions 0, transport 1, linear 2).
@@ -49,44 +49,6 @@ def _frozen_exponential(u: jax.Array, production: jax.Array, loss: jax.Array, dt
     small = x < 1e-6
     gain = jnp.where(small, dt * (1.0 - 0.5 * x), -jnp.expm1(-x) / jnp.where(small, 1.0, loss))
     return u * jnp.exp(-x) + production * gain
-
-
-#: Below this z the ETD2 weights come from their Taylor series: above it the
-#: closed forms lose at most 2ε/z relatively (1e-14 in float64, 5e-6 in float32),
-#: below it eight terms leave a truncation of z⁸/10! < 1e-16.
-_SERIES_BELOW = 0.05
-
-
-def etd2_weights(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Weights (w₀, w₁) of the two end values of a linear source in the exact ETD2 update.
-
-    For x' = s(τ) − k·x on a step of length h, with s linear from s₀ (τ = 0)
-    to s₁ (τ = h) and z = k·h:
-
-        x(h) = x e^{−z} + h (w₀ s₀ + w₁ s₁)
-        w₀ = (1 − e^{−z} − z e^{−z})/z²,   w₁ = (z − 1 + e^{−z})/z²
-
-    w₀ + w₁ = (1 − e^{−z})/z = φ₁(z). Both are ≥ 0 for z ≥ 0 (each is the
-    integral of e^{−k(h−τ)} against a non-negative hat), w₀ → 1/z² and w₁ → 1/z
-    as z → ∞ (an infinitely fast relaxation lands on s₁/k), and w₀, w₁ → ½ as z → 0
-    (the trapezoid rule). Relative error ≤ 1e-14 in float64 and ≤ 4e-6 in float32
-    (the closed forms just above the series cut).
-    """
-    small = z < _SERIES_BELOW
-    safe = jnp.where(small, 1.0, z)
-    decay = jnp.exp(-safe)
-    phi1 = -jnp.expm1(-safe) / safe
-    # z e^{−z} with z capped: e^{−z} underflows to 0 long before the cap, and an
-    # infinite rate (an empty pool drained at a finite flux) must give 0, not inf·0.
-    w0 = (-jnp.expm1(-safe) - jnp.minimum(safe, 1e4) * decay) / (safe * safe)
-    # Series: w₀ = Σ (−z)ᵏ (k+1)/(k+2)!,  w₁ = Σ (−z)ᵏ/(k+2)!  (Horner, k = 0..7).
-    x = jnp.where(small, z, 0.0)
-    w0_series, w1_series = jnp.zeros_like(x), jnp.zeros_like(x)
-    for k in reversed(range(8)):
-        sign = -1.0 if k % 2 else 1.0
-        w0_series = w0_series * x + sign * (k + 1) / math.factorial(k + 2)
-        w1_series = w1_series * x + sign / math.factorial(k + 2)
-    return jnp.where(small, w0_series, w0), jnp.where(small, w1_series, phi1 - w0)
 
 
 def exponential_trapezoid(u: jax.Array, production0: jax.Array, loss0: jax.Array,
@@ -189,22 +151,59 @@ class SplitStepper:
         return tuple(active) or (0,)
 
     def linear(self, state: State, params: Any, dt: jax.Array) -> State:
-        """The spectral propagator over dt of the fast species, but the stiff ones (the model's react moves those)."""
+        """The spectral propagator over dt of the fast species, but the stiff ones (the model's react moves those).
+
+        Three groups (:meth:`_linear_groups`): species without a source take the
+        separable propagator, those with a source constant over the step ETD1,
+        and those whose source varies ETD2RK, whose corrector evaluates the
+        sources at the other groups' results and its own prediction, at t + Δt.
+        """
         model = self.model
-        plain = self.plain_indices
-        if not plain:
+        if not self.plain_indices:
             return state
         diffusivity, decay = model.linear_coefficients(params)
-        current = state.fields[:model.num_fast]
         source, fixed_value = model.linear_sources(state, params), model.linear_fixed_values(params)
-        kept = _take(current, plain)
-        propagated = propagate(self.basis, kept, _take(diffusivity, plain), _take(decay, plain), dt,
-                               source=None if source is None else _take(source, plain),
-                               fixed_value=None if fixed_value is None else _take(fixed_value, plain))
-        # A zero step is the identity exactly (a transform round trip is not): idle
-        # passes that run every sub-solver (batches, unrolled models) run L with dt = 0.
-        propagated = jnp.where(dt > 0, propagated, kept)
-        return replace(state, fields=_put(state.fields, plain, propagated))
+        free, constant, varying = self._linear_groups(source is not None)
+        fields = state.fields
+
+        def advance(indices, with_source, source_at_end=None):
+            kept = _take(fields, indices)
+            propagated = propagate(
+                self.basis, kept, _take(diffusivity, indices), _take(decay, indices), dt,
+                source=_take(source, indices) if with_source else None,
+                fixed_value=None if fixed_value is None else _take(fixed_value, indices),
+                source_at_end=source_at_end)
+            # A zero step is the identity exactly (a transform round trip is not): idle
+            # passes that run every sub-solver (batches, unrolled models) run L with dt = 0.
+            return jnp.where(dt > 0, propagated, kept)
+
+        for indices, with_source in ((free, False), (constant, True)):
+            if indices:
+                fields = _put(fields, indices, advance(indices, with_source))
+        if varying:
+            before = fields
+
+            def source_at_end(predicted):
+                moved = replace(state, fields=_put(before, varying, predicted), time=state.time + dt)
+                return _take(model.linear_sources(moved, params), varying)
+
+            fields = _put(fields, varying, advance(varying, True, source_at_end))
+        return replace(state, fields=fields)
+
+    def _linear_groups(self, with_sources: bool) -> tuple[tuple[int, ...], ...]:
+        """Indices of the fast, non-stiff species without a source, with one constant
+        over the step, and with one that varies (Model.linear_source_species,
+        Model.linear_sources_vary); static."""
+        model = self.model
+        names = model.names
+        chosen = model.linear_source_species
+        sourced = tuple(i for i in self.plain_indices
+                        if with_sources and (chosen is None or names[i] in chosen))
+        vary = model.linear_sources_vary
+        varying = tuple(i for i in sourced if vary is True or (not isinstance(vary, bool) and names[i] in vary))
+        constant = tuple(i for i in sourced if i not in varying)
+        free = tuple(i for i in self.plain_indices if i not in sourced)
+        return free, constant, varying
 
     @property
     def can_merge_reactions(self) -> bool:

@@ -8,6 +8,8 @@ import pytest
 from helpers import log_log_slope, relative_l2, run_to
 
 from tmesolve.grid import Grid
+from tmesolve.model.base import Model
+from tmesolve.model.species import Species, Transport
 from tmesolve.model.verification import DiffusionDecay, diffusion_decay_params, gaussian_solution
 from tmesolve.operators import FaceBoundary
 
@@ -160,3 +162,56 @@ def test_two_d_equals_z_uniform_three_d(x64):
         thick, _ = run_to(DiffusionDecay(Grid((10, 12, 5)), path=path), params,
                           np.repeat(plane[:, :, None], 5, axis=2), 0.05, 5e-4, jnp.float64)
         np.testing.assert_allclose(thick[..., 2], flat[..., 0], rtol=1e-11, atol=1e-14)
+
+
+class FedByAnother(Model):
+    """∂u/∂t = D_uΔu − λ_u u + k w,  ∂w/∂t = D_wΔw − λ_w w: a source that moves with the fields.
+
+    For one no-flux cosine mode (κ²) both stay in that mode, with a = D_uκ² + λ_u
+    and b = D_wκ² + λ_w:
+
+        w(t) = w₀ e^{−bt},   u(t) = u₀ e^{−at} + k w₀ (e^{−bt} − e^{−at})/(a − b)
+    """
+
+    def __init__(self, grid: Grid, sources_vary: bool) -> None:
+        self.grid = grid
+        self.linear_sources_vary = sources_vary
+        self._declare((Species("u", "u", "1", Transport.FAST_LINEAR, "fed species"),
+                       Species("w", "w", "1", Transport.FAST_LINEAR, "feeding species")))
+
+    def linear_coefficients(self, params):
+        return params["diffusivity"], params["decay"]
+
+    def linear_sources(self, state, params):
+        feeder = state.fields[1]
+        return jnp.stack([params["k"] * feeder, jnp.zeros_like(feeder)])
+
+
+def test_a_source_that_moves_with_the_fields_is_integrated_at_second_order(x64):
+    """The linear sub-step with a field-dependent source is ETD2RK: second order in Δt,
+    where holding the step's starting source (ETD1) is first order.
+
+    Rates of order 1/h and steps of 0.4 to 0.05 h put μΔt at 0.1–1.3: measured
+    slopes 2.02 and 1.13 (ETD1 nears 1 from above as Δt shrinks), errors at
+    0.4 h 0.073 and 0.58.
+    """
+    grid = Grid((8, 8, 8), 20.0)
+    mode, kappa_squared = cosine_mode(grid)
+    diffusivity, decay, k = np.array([1000.0, 2000.0]), np.array([0.5, 0.2]), 3.0
+    a, b = diffusivity * kappa_squared + decay
+    params = {"diffusivity": jnp.asarray(diffusivity), "decay": jnp.asarray(decay), "k": jnp.asarray(k)}
+    t_end, u0, w0 = 2.0, 1.0, 2.0
+    exact_u = mode * (u0 * np.exp(-a * t_end) + k * w0 * (np.exp(-b * t_end) - np.exp(-a * t_end)) / (a - b))
+    exact_w = mode * w0 * np.exp(-b * t_end)
+    initial = np.stack([u0 * mode, w0 * mode])[:, None]
+    steps = (0.4, 0.2, 0.1, 0.05)
+    errors = {}
+    for vary in (True, False):
+        errors[vary] = []
+        for dt in steps:
+            fields, _ = run_to(FedByAnother(grid, vary), params, initial, t_end, dt, jnp.float64)
+            np.testing.assert_allclose(fields[1, 0], exact_w, rtol=1e-12, atol=1e-14)  # no source: exact
+            errors[vary].append(relative_l2(fields[0, 0], exact_u))
+    assert log_log_slope(steps, errors[True]) > 1.85, errors[True]
+    assert 0.85 < log_log_slope(steps, errors[False]) < 1.3, errors[False]
+    assert errors[True][0] < 0.5 * errors[False][0], (errors[True], errors[False])

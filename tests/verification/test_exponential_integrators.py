@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmesolve.stepping import etd2_weights, exponential_trapezoid, positive_exponential_heun
+from tmesolve.spectral import etd2_weights
+from tmesolve.stepping import exponential_trapezoid, positive_exponential_heun
 
 
 def _exact_weights(z: float) -> tuple[float, float]:

@@ -64,6 +64,16 @@ class Model:
     #: (:mod:`tmesolve.implicit`) and the linear sub-step leaves them alone.
     #: Their walls are no-flux.
     stiff_fast: tuple[str, ...] = ()
+    #: Fast species (names) that :meth:`linear_sources` gives a source; None:
+    #: all. The others take the source-free propagator, three per-axis matrix
+    #: products instead of nine (the sources of these are not read).
+    linear_source_species: tuple[str, ...] | None = None
+    #: Which of those sources change with the fields or the time over a step:
+    #: True (all), False (none) or their names. Those are integrated by ETD2RK
+    #: (second order; the sources are evaluated again at a predicted end of the
+    #: step, and their species transformed twice more), the others by ETD1,
+    #: exact for a source that is constant over the step.
+    linear_sources_vary: bool | tuple[str, ...] = True
 
     def _declare(self, species: tuple[Species, ...]) -> None:
         self.species = ordered_species(species)
@@ -94,7 +104,12 @@ class Model:
         return None
 
     def linear_sources(self, state: State, params: Any) -> jax.Array | None:
-        """Source S (units/h) of the fast species, frozen over the transport step, or None."""
+        """Source S (units/h) of the fast species at ``state`` (its fields and time), or None.
+
+        The linear sub-step integrates it at second order from its values at
+        the start and at a predicted end of the step (:attr:`linear_sources_vary`),
+        for the species of :attr:`linear_source_species`.
+        """
         return None
 
     def react(self, state: State, params: Any, dt: jax.Array) -> State:

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 
 from tmesolve._pytree import pytree_dataclass
 from tmesolve.model.parameters import ModelParams
-from tmesolve.stepping import etd2_weights
+from tmesolve.spectral import etd2_weights
 from tmesolve.therapy.pk import PKParams, pk_step
 from tmesolve.therapy.pk import occupancy as _occupancy
 from tmesolve.therapy.pk import plasma_concentration as _plasma_concentration
@@ -240,7 +240,7 @@ def _relax_linear(
 
         x(dt) = x·e^{−z} + dt·(w₀ s₀ + w₁ s₁),   z = rate·dt
 
-    with the weights of :func:`tmesolve.stepping.etd2_weights` (both ≥ 0, so the
+    with the weights of :func:`tmesolve.spectral.etd2_weights` (both ≥ 0, so the
     update is non-negative for x, s₀, s₁ ≥ 0; finite, → 0, for an infinite rate).
     """
     z = rate * dt

@@ -66,6 +66,9 @@ def diffusion_decay_params(diffusivity: float, decay: float = 0.0, source: float
 class DiffusionDecay(Model):
     """∂u/∂t = DΔu − λu + S on a box; one species ``u``."""
 
+    #: S is a constant: ETD1 is exact for it.
+    linear_sources_vary = False
+
     def __init__(self, grid: Grid, path: str = "spectral", boundary: FaceBoundary = FaceBoundary(),
                  spectrum: str = "exact", lesions: int = 1, with_source: bool = True) -> None:
         """``with_source=False`` declares S = 0 statically: the spectral path then uses the
