@@ -24,13 +24,15 @@ pd_l1          P                      1                    none
 =============  =====================  ===================  ==============
 
 The step splits into (see :mod:`tmesolve.stepping`): local reactions of every
-field, the linear decays of the cytokines and drugs included, plus the
+field but the production and decay of IFN-γ, CXCL9/10 and TGF-β, plus the
 systemic compartment (positive exponential Heun; the systemic ODEs by ETD2),
 with oxygen and its diffusion solved together in the same stages (ROS2,
 :mod:`tmesolve.implicit`: its uptake is too stiff to split from diffusion);
 explicit cell transport (tissue velocity from the volume balance, Itô
-motility, chemotaxis up ∇X; SSP-RK2, conservative); and the exact spectral
-propagator of the diffusion of the six other fast species.
+motility, chemotaxis up ∇X; SSP-RK2, conservative); and the spectral
+propagator of the six other fast species, which takes their diffusion, and
+for IFN-γ, CXCL9/10 and TGF-β their decay and production, in one
+exponential step (ETD2RK, ETD1 for TGF-β).
 
 Units: µm, h, cells·mm⁻³ (1 mm³ = 1 µL, so T_b in cells·µL⁻¹ is directly a
 tissue density), ng·mL⁻¹, µg·mL⁻¹, mmHg.
@@ -111,6 +113,22 @@ LINEAR_DECAYS = {"G": "lambda_G", "X": "lambda_X", "L": "lambda_L", "B": "lambda
                  "A1": "lambda_A", "A2": "lambda_A"}
 #: Fast species whose local terms are solved with their diffusion (TMEModel.stiff_fast).
 STIFF_FAST = ("O",)
+#: Fast species whose production and decay the spectral step takes with their
+#: diffusion (TMEModel.linear_sources): IFN-γ, CXCL9/10 and TGF-β, made where
+#: the cells are and lost at a rate that is the same everywhere. The others
+#: keep production, decay and loss together in the local step. IL-2, because
+#: its uptake by T cells, u_L(T + E)/(L + K_L), reaches ~6 h⁻¹ in a hot core
+#: (T + E ≈ 3e4 cells/mm³), and a production split from a loss that stiff
+#: settles at a fraction of P/Λ (0.39× at Δt = 1 h in a well-mixed hot core).
+#: The antibodies, because their exchange with the vessels (k_A·V ≤ 0.02 h⁻¹)
+#: is slow and so is their split error (anti-PD-1 9e-3 relative L2 after
+#: 12 h at 0.5 h, ``python -m benchmarks.cytokine_sources``), which did not
+#: repay the extra transforms of sourced species.
+PRODUCED_IN_PROPAGATOR = ("G", "X", "B")
+#: Of those, the ones whose production depends on fast species, which change
+#: within the spectral step (IFN-γ through the antibodies' occupancy, CXCL9/10
+#: through IFN-γ): they take ETD2RK, TGF-β (from tumour cells and stroma) ETD1.
+PRODUCTION_VARIES_IN_PROPAGATOR = ("G", "X")
 PHENOTYPE_CODES = {"inflamed": 0, "excluded": 1, "desert": 2}
 
 
@@ -198,6 +216,8 @@ class TMEModel(Model):
     refreshed_by_zero_transport = True
     # Oxygen's uptake (10²–10⁴ h⁻¹) is solved with its diffusion in react (tmesolve.implicit).
     stiff_fast = tuple(s.name for s in SPECIES if s.symbol in STIFF_FAST)
+    linear_source_species = tuple(s.name for s in SPECIES if s.symbol in PRODUCED_IN_PROPAGATOR)
+    linear_sources_vary = tuple(s.name for s in SPECIES if s.symbol in PRODUCTION_VARIES_IN_PROPAGATOR)
 
     def __init__(self, grid: Grid, lesions: int = 1, margin_width_um: float = 100.0,
                  tissue_velocity: bool = True) -> None:
@@ -238,20 +258,40 @@ class TMEModel(Model):
 
     # --- fast linear species -------------------------------------------------
     def linear_coefficients(self, params: TMEParams):
-        """D and λ of O, G, X, L, B, A1, A2 for the spectral propagator: λ = 0 for all.
+        """D and λ of O, G, X, L, B, A1, A2 for the spectral propagator (λ only for G, X, B).
 
         Oxygen is listed for the fast block's layout only: it is in
-        :attr:`stiff_fast`, so :meth:`react` diffuses it (D_O) and the propagator
-        leaves it alone. The linear decays are applied in the local update instead
-        (:meth:`reaction_terms`). A decay rate that is the same everywhere
-        commutes with diffusion under no-flux walls, so taking it out of the
-        propagator costs no splitting error; inside the local update it meets the
-        production it balances in one exponential step. Split from its producer,
-        TGF-β's decay cost 4.7e-5 relative in the well-mixed check at Δt = 0.04 h.
+        :attr:`stiff_fast`, so :meth:`react` diffuses it (D_O) with its local
+        terms and the propagator leaves it alone. The species of
+        :data:`PRODUCED_IN_PROPAGATOR` meet their decay λ and their production
+        (:meth:`linear_sources`) in the propagator, in one step with their
+        diffusion; the decays of IL-2 and the antibodies stay with their
+        production and losses in the local step (:meth:`reaction_terms`).
         """
         p = params.model
         diffusivity = jnp.stack([p["D_O"], p["D_G"], p["D_X"], p["D_L"], p["D_B"], p["D_A"], p["D_A"]])
-        return diffusivity, jnp.zeros_like(diffusivity)
+        no_decay = jnp.zeros_like(p["D_O"])
+        decay = jnp.stack([p[LINEAR_DECAYS[symbol]] if symbol in PRODUCED_IN_PROPAGATOR else no_decay
+                           for symbol in FAST])
+        return diffusivity, decay
+
+    def linear_sources(self, state: State, params: TMEParams) -> jax.Array:
+        """Production P (units/h) of G, X and B at ``state``, 0 for the other fast species (MODEL.md, 'Key terms').
+
+        Why here and not in :meth:`react`: a cytokine is made where the cells
+        are (IFN-γ by engaged T cells, TGF-β by tumour and stroma) and spreads
+        over many voxels in one step (D·Δt/h² ≈ 19 for TGF-β at 0.5 h and
+        50 µm). Made in the local sub-step and spread in a separate one, that
+        source carried a Strang splitting error of 20 % (relative L2) in TGF-β
+        after 12 h at Δt = 0.5 h; made, decayed and spread in one exponential
+        step (ETD2RK, :func:`tmesolve.spectral.propagate`) it is below 1e-4
+        (``python -m benchmarks.cytokine_sources``, docs/model.md). IL-2 and
+        the antibodies stay local (:data:`PRODUCED_IN_PROPAGATOR`).
+        """
+        u = self._unstack(state.fields)
+        production, _, _ = self.local_terms(u, params, state.aux.systemic, state.time)
+        zero = jnp.zeros_like(u["C"])
+        return jnp.stack([production[symbol] if symbol in PRODUCED_IN_PROPAGATOR else zero for symbol in FAST])
 
     # --- local terms ----------------------------------------------------------
     def local_terms(self, u: dict[str, jax.Array], params: TMEParams, systemic: SystemicState,
@@ -340,18 +380,26 @@ class TMEModel(Model):
 
     def reaction_terms(self, fields: jax.Array, params: TMEParams, systemic: SystemicState,
                        time: jax.Array) -> tuple[jax.Array, jax.Array, SystemicInputs]:
-        """Stacked production P and loss Λ of every field (the local terms plus the
-        linear decays λ of the cytokines and drugs), and the lesions' fluxes into
-        the systemic compartment, from one evaluation of :meth:`local_terms`."""
+        """Stacked production P and loss Λ of every field for the local sub-step, and
+        the lesions' fluxes into the systemic compartment, from one evaluation of
+        :meth:`local_terms`.
+
+        The production and constant decay of :data:`PRODUCED_IN_PROPAGATOR`
+        are left out (the propagator has them: :meth:`linear_sources`,
+        :meth:`linear_coefficients`), and so is oxygen, which :meth:`react`
+        advances with its diffusion. The decays of IL-2 and the antibodies
+        join their production and losses here.
+        """
         u = self._unstack(fields)
         production, loss, extras = self.local_terms(u, params, systemic, time)
-        p = params.model
+        production = dict(production)
         loss = dict(loss)
         for symbol, decay in LINEAR_DECAYS.items():
-            loss[symbol] = loss[symbol] + p[decay]
-        production = dict(production)
+            if symbol in PRODUCED_IN_PROPAGATOR:
+                production[symbol] = jnp.zeros_like(u[symbol])
+            else:
+                loss[symbol] = loss[symbol] + params.model[decay]
         for symbol in STIFF_FAST:
-            # Advanced with its diffusion by react's Rosenbrock stages (oxygen_rate).
             production[symbol] = loss[symbol] = jnp.zeros_like(u[symbol])
         return self._stack(production), self._stack(loss), self._systemic_inputs(u, extras, params)
 
