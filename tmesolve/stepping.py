@@ -110,6 +110,27 @@ def _stiff_split(model: Model) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return stiff, tuple(i for i in range(len(fast_names)) if i not in stiff)
 
 
+def _check_source_names(model: Model, plain: tuple[int, ...]) -> None:
+    """Refuse names in Model.linear_source_species / linear_sources_vary that are not
+    species the linear sub-step propagates: a misspelt name would silently drop that
+    species' production (its source is not read)."""
+    propagated = [model.names[i] for i in plain]
+    chosen = model.linear_source_species
+    vary = model.linear_sources_vary
+    for setting, names in (("linear_source_species", chosen),
+                           ("linear_sources_vary", None if isinstance(vary, bool) else vary)):
+        if names is None:
+            continue
+        if isinstance(names, str) or not isinstance(names, tuple):
+            raise ValueError(f"{setting}: got {names!r}; expected a tuple of species names")
+        for name in names:
+            if name not in propagated:
+                raise ValueError(f"{setting}: got {name!r}; expected one of the propagated fast species "
+                                 f"{propagated}")
+            if setting == "linear_sources_vary" and chosen is not None and name not in chosen:
+                raise ValueError(f"{setting}: got {name!r}; expected one of linear_source_species {chosen}")
+
+
 def _take(values: Any, indices: tuple[int, ...]) -> jax.Array:
     """values[indices] along the first axis: a slice when the indices are a run."""
     values = jnp.asarray(values)
@@ -136,6 +157,7 @@ class SplitStepper:
         self.order = order
         self.basis = Eigenbasis(model.grid, model.fast_boundary, model.spectrum) if model.num_fast else None
         self.stiff_indices, self.plain_indices = _stiff_split(model)
+        _check_source_names(model, self.plain_indices)
 
     @property
     def active_substeps(self) -> tuple[int, ...]:

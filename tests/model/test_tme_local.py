@@ -95,15 +95,17 @@ def test_well_mixed_limit_matches_solve_ivp(x64):
 
 def test_cytokines_in_a_hot_core_at_the_cohort_step(x64):
     """Uniform hot tissue (T = 3e4 cells/mm³: IL-2 uptake ~6 h⁻¹) at the cohort app's
-    1 h step cap: after 6 h every cytokine is within 3 % of solve_ivp.
+    1 h step cap: after 6 h every cytokine is within 1–3 % of solve_ivp.
 
-    Measured: IFN-γ 1.6e-2, IL-2 3.9e-3, CXCL9/10 3.3e-3, TGF-β 4e-5. With
-    IL-2's production in the spectral step, split from its stiff uptake in the
-    local one, IL-2 settled at 0.39× its value.
+    Measured: IFN-γ 1.6e-2, IL-2 3.9e-3, CXCL9/10 3.3e-3, TGF-β 4e-5; the
+    limits leave 2–25× of room. With IL-2's production in the spectral step,
+    split from its stiff uptake in the local one, IL-2 was 61 % low
+    (``python -m benchmarks.cytokine_sources``, scheme ``il2_too``).
     """
     names, errors = well_mixed_errors((1.0,), t_end_h=6.0)
-    for name in ("ifn_gamma", "cxcl9_10", "il2", "tgf_beta"):
-        assert errors[1.0][names.index(name)] < 0.03, (name, errors[1.0][names.index(name)])
+    limits = {"ifn_gamma": 0.03, "cxcl9_10": 0.01, "il2": 0.01, "tgf_beta": 1e-3}
+    for name, limit in limits.items():
+        assert errors[1.0][names.index(name)] < limit, (name, errors[1.0][names.index(name)])
 
 
 def test_compressed_stroma_stops_t_cells_and_keeps_them_non_negative():

@@ -12,6 +12,7 @@ from tmesolve.model.base import Model
 from tmesolve.model.species import Species, Transport
 from tmesolve.model.verification import DiffusionDecay, diffusion_decay_params, gaussian_solution
 from tmesolve.operators import FaceBoundary
+from tmesolve.stepping import SplitStepper
 
 D_UM2_PER_H = 60_000.0  # 1000 µm²/min, the DD3 benchmark's value
 DECAY_PER_H = 0.6  # 0.01 min⁻¹
@@ -246,3 +247,18 @@ def test_a_moving_source_behind_fixed_value_walls_is_second_order(x64):
               for dt in steps]
     assert np.all(np.asarray(reference) > 0)
     assert log_log_slope(steps, errors) > 1.85, errors
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("linear_source_species", ("uu",), "linear_source_species: got 'uu'"),
+    ("linear_source_species", "u", "expected a tuple of species names"),
+    ("linear_sources_vary", ("w",), "linear_sources_vary: got 'w'; expected one of linear_source_species"),
+])
+def test_a_misnamed_source_species_is_refused_before_anything_compiles(setting, value, message):
+    """A name that matches no propagated species would silently drop that species'
+    production (its source is never read): the stepper refuses it when it is built."""
+    model = FedByAnother(Grid((4, 4, 4), 20.0), True)
+    model.linear_source_species = ("u",)
+    setattr(model, setting, value)
+    with pytest.raises(ValueError, match=message):
+        SplitStepper(model)

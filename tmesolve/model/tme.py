@@ -113,17 +113,16 @@ LINEAR_DECAYS = {"G": "lambda_G", "X": "lambda_X", "L": "lambda_L", "B": "lambda
                  "A1": "lambda_A", "A2": "lambda_A"}
 #: Fast species whose local terms are solved with their diffusion (TMEModel.stiff_fast).
 STIFF_FAST = ("O",)
-#: Fast species whose production and decay the spectral step takes with their
-#: diffusion (TMEModel.linear_sources): IFN-γ, CXCL9/10 and TGF-β, made where
+#: Fast species (symbols) whose production and decay the spectral step takes
+#: with their diffusion (TMEModel.linear_source_species, which the methods
+#: read, so a subclass may choose others): IFN-γ, CXCL9/10 and TGF-β, made where
 #: the cells are and lost at a rate that is the same everywhere. The others
 #: keep production, decay and loss together in the local step. IL-2, because
 #: its uptake by T cells, u_L(T + E)/(L + K_L), reaches ~6 h⁻¹ in a hot core
 #: (T + E ≈ 3e4 cells/mm³), and a production split from a loss that stiff
-#: settles at a fraction of P/Λ (0.39× at Δt = 1 h in a well-mixed hot core).
-#: The antibodies, because their exchange with the vessels (k_A·V ≤ 0.02 h⁻¹)
-#: is slow and so is their split error (anti-PD-1 9e-3 relative L2 after
-#: 12 h at 0.5 h, ``python -m benchmarks.cytokine_sources``), which did not
-#: repay the extra transforms of sourced species.
+#: settles at a fraction of P/Λ. The antibodies, because their exchange with
+#: the vessels (k_A·V ≤ 0.02 h⁻¹) is slow and so is their split error. Both
+#: measured by ``python -m benchmarks.cytokine_sources`` (docs/model.md).
 PRODUCED_IN_PROPAGATOR = ("G", "X", "B")
 #: Of those, the ones whose production depends on fast species, which change
 #: within the spectral step (IFN-γ through the antibodies' occupancy, CXCL9/10
@@ -257,13 +256,18 @@ class TMEModel(Model):
         return [by_name[s.name] for s in self.species]
 
     # --- fast linear species -------------------------------------------------
+    def _produced_in_propagator(self) -> tuple[str, ...]:
+        """Symbols of :attr:`linear_source_species` (static)."""
+        by_name = {s.name: s.symbol for s in SPECIES}
+        return tuple(by_name[name] for name in self.linear_source_species)
+
     def linear_coefficients(self, params: TMEParams):
         """D and λ of O, G, X, L, B, A1, A2 for the spectral propagator (λ only for G, X, B).
 
         Oxygen is listed for the fast block's layout only: it is in
         :attr:`stiff_fast`, so :meth:`react` diffuses it (D_O) with its local
         terms and the propagator leaves it alone. The species of
-        :data:`PRODUCED_IN_PROPAGATOR` meet their decay λ and their production
+        :attr:`linear_source_species` meet their decay λ and their production
         (:meth:`linear_sources`) in the propagator, in one step with their
         diffusion; the decays of IL-2 and the antibodies stay with their
         production and losses in the local step (:meth:`reaction_terms`).
@@ -271,12 +275,13 @@ class TMEModel(Model):
         p = params.model
         diffusivity = jnp.stack([p["D_O"], p["D_G"], p["D_X"], p["D_L"], p["D_B"], p["D_A"], p["D_A"]])
         no_decay = jnp.zeros_like(p["D_O"])
-        decay = jnp.stack([p[LINEAR_DECAYS[symbol]] if symbol in PRODUCED_IN_PROPAGATOR else no_decay
-                           for symbol in FAST])
+        produced = self._produced_in_propagator()
+        decay = jnp.stack([p[LINEAR_DECAYS[symbol]] if symbol in produced else no_decay for symbol in FAST])
         return diffusivity, decay
 
     def linear_sources(self, state: State, params: TMEParams) -> jax.Array:
-        """Production P (units/h) of G, X and B at ``state``, 0 for the other fast species (MODEL.md, 'Key terms').
+        """Production P (units/h) at ``state`` of the fast species of :attr:`linear_source_species`
+        (G, X and B), 0 for the others (MODEL.md, 'Key terms').
 
         Why here and not in :meth:`react`: a cytokine is made where the cells
         are (IFN-γ by engaged T cells, TGF-β by tumour and stroma) and spreads
@@ -284,14 +289,16 @@ class TMEModel(Model):
         50 µm). Made in the local sub-step and spread in a separate one, that
         source carried a Strang splitting error of 20 % (relative L2) in TGF-β
         after 12 h at Δt = 0.5 h; made, decayed and spread in one exponential
-        step (ETD2RK, :func:`tmesolve.spectral.propagate`) it is below 1e-4
-        (``python -m benchmarks.cytokine_sources``, docs/model.md). IL-2 and
-        the antibodies stay local (:data:`PRODUCED_IN_PROPAGATOR`).
+        step (ETD1 for TGF-β, exact for its source, which the spectral step
+        does not change; ETD2RK for IFN-γ and CXCL9/10: :func:`tmesolve.spectral.propagate`)
+        it is below 1e-4 (``python -m benchmarks.cytokine_sources``,
+        docs/model.md). IL-2 and the antibodies stay local (:data:`PRODUCED_IN_PROPAGATOR`).
         """
         u = self._unstack(state.fields)
         production, _, _ = self.local_terms(u, params, state.aux.systemic, state.time)
         zero = jnp.zeros_like(u["C"])
-        return jnp.stack([production[symbol] if symbol in PRODUCED_IN_PROPAGATOR else zero for symbol in FAST])
+        produced = self._produced_in_propagator()
+        return jnp.stack([production[symbol] if symbol in produced else zero for symbol in FAST])
 
     # --- local terms ----------------------------------------------------------
     def local_terms(self, u: dict[str, jax.Array], params: TMEParams, systemic: SystemicState,
@@ -384,7 +391,7 @@ class TMEModel(Model):
         the lesions' fluxes into the systemic compartment, from one evaluation of
         :meth:`local_terms`.
 
-        The production and constant decay of :data:`PRODUCED_IN_PROPAGATOR`
+        The production and constant decay of :attr:`linear_source_species`
         are left out (the propagator has them: :meth:`linear_sources`,
         :meth:`linear_coefficients`), and so is oxygen, which :meth:`react`
         advances with its diffusion. The decays of IL-2 and the antibodies
@@ -394,8 +401,9 @@ class TMEModel(Model):
         production, loss, extras = self.local_terms(u, params, systemic, time)
         production = dict(production)
         loss = dict(loss)
+        produced = self._produced_in_propagator()
         for symbol, decay in LINEAR_DECAYS.items():
-            if symbol in PRODUCED_IN_PROPAGATOR:
+            if symbol in produced:
                 production[symbol] = jnp.zeros_like(u[symbol])
             else:
                 loss[symbol] = loss[symbol] + params.model[decay]
