@@ -1,38 +1,48 @@
-"""Where the fast species' production goes: the model's scheme against the two it replaced.
+"""Where the fast species' production goes: the model's scheme against the others.
 
     python -m benchmarks.cytokine_sources [--hours 12] [--out benchmarks/results/cytokine-sources.json]
 
 TMEModel hands the production P of IFN-γ, CXCL9/10 and TGF-β to the spectral
 step together with their diffusion and decay λ (``TMEModel.linear_sources``,
-``tmesolve.model.tme.PRODUCED_IN_PROPAGATOR``), which integrates IFN-γ and
-CXCL9/10, whose production depends on fast species, by ETD2RK (the source
-at the start of the step and at an ETD1 prediction of its end,
+``TMEModel.linear_source_species``), which integrates IFN-γ and CXCL9/10,
+whose production depends on fast species, by ETD2RK (the source at the start
+of the step and at an ETD1 prediction of its end,
 :func:`tmesolve.spectral.propagate`) and TGF-β by ETD1. IL-2 (stiff uptake
-by T cells) and the antibodies stay local. Two schemes defined here, as
-subclasses (so the compiled-loop cache does not apply to them), are what it
-replaced or could have been:
+by T cells) and the antibodies stay local. The schemes compared, all
+subclasses that only choose other species (so the compiled-loop cache does
+not apply to them):
 
-* ``split`` (:class:`ProductionInReactions`, the model's scheme up to commit
-  a94f15e): P and λ of every fast species act in the local (reaction)
-  sub-step and the diffusion in the spectral one. With D·Δt/h² ≈ 19 (TGF-β
-  at 0.5 h and 50 µm) the splitting error of a sharply placed source is large.
-* ``etd1`` (:class:`FrozenProduction`): as the model, but every production
-  held at its value at the start of the spectral step. Exact for a constant
-  source; where P depends on a fast species (CXCL9/10 on IFN-γ, IFN-γ on the
-  antibodies) the sub-step is first order, and so is the whole scheme (the
-  well-mixed check of ``tests/model/test_tme_local.py`` fails with it).
+* ``model``: TMEModel as it is.
+* ``split`` (the model up to commit a94f15e): every production and decay in
+  the local (reaction) sub-step, split from the diffusion. With D·Δt/h² ≈ 19
+  (TGF-β at 0.5 h and 50 µm) the splitting error of a sharply placed source
+  is large.
+* ``etd1``: the model's species, every production held at its start-of-step
+  value over the spectral step. Exact for a constant source; where P depends
+  on a fast species (CXCL9/10 on IFN-γ, IFN-γ on the antibodies) the sub-step
+  is first order, and so is the whole scheme.
+* ``il2_too``: IL-2's production in the spectral step as well, split from its
+  uptake by T cells, which reaches ~6 h⁻¹ in a hot core.
+* ``antibodies_too``: the antibodies' production and decay in the spectral
+  step as well.
 
-The default lesion (24³ × 50 µm, inflamed, r = 300 µm, pembrolizumab) runs
-``--hours`` with ``solver.dt_max_h`` = 0.5 and 0.1 h under each scheme, and
-each run is compared field by field with the 0.005 h run of the model's
-scheme and of its own.
+Two cases, each run with ``solver.dt_max_h`` = 0.5 and 0.1 h (and the hot
+core also at 1 h, the cohort app's cap) and compared field by field
+(relative L2) with a fine run of the model's scheme and of its own:
+
+* the default lesion (24³ × 50 µm, inflamed, r = 300 µm, pembrolizumab) for
+  ``--hours``; fine run 0.005 h;
+* a hot core: uniform tissue (2 × 2 × 1 voxels of 400 µm, no tissue
+  velocity) at the inflamed preset's centre values with 3e4 effector T cells
+  per mm³, for 6 h, without a drug; fine run 0.01 h. Here a scheme's first
+  or second order shows in the error ratio between 1 and 0.5 h.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import dt_convergence, write_json
 from benchmarks.machine import machine_info
@@ -40,45 +50,82 @@ from tmesolve.model import tme
 
 SHOWN = ("tgf_beta", "ifn_gamma", "il2", "cxcl9_10", "anti_pd1", "exhausted_t_cells", "effector_t_cells",
          "tumour_cells")
-SCHEMES = ("model", "split", "etd1")
+HOT_CORE_H = 6.0
+HOT_CORE_T_CELLS = 3.0e4   # effector T cells per mm³: IL-2 uptake u_L(T + E)/K_L ≈ 6 h⁻¹
+
+
+def _names(*symbols: str) -> tuple[str, ...]:
+    return tuple(s.name for s in tme.SPECIES if s.symbol in symbols)
 
 
 class ProductionInReactions(tme.TMEModel):
-    """TMEModel as it was: the fast species' production and decay in the local sub-step."""
+    """Every fast species' production and decay in the local sub-step (the model up to a94f15e)."""
 
-    def linear_coefficients(self, params):
-        diffusivity, _ = super().linear_coefficients(params)
-        return diffusivity, jnp.zeros_like(diffusivity)
-
-    def linear_sources(self, state, params):
-        return None
-
-    def reaction_terms(self, fields, params, systemic, time):
-        """The local terms with every fast species' production and decay, oxygen left out."""
-        u = self._unstack(fields)
-        production, loss, extras = self.local_terms(u, params, systemic, time)
-        production, loss = dict(production), dict(loss)
-        for symbol, decay in tme.LINEAR_DECAYS.items():
-            loss[symbol] = loss[symbol] + params.model[decay]
-        for symbol in tme.STIFF_FAST:
-            production[symbol] = loss[symbol] = jnp.zeros_like(u[symbol])
-        return self._stack(production), self._stack(loss), self._systemic_inputs(u, extras, params)
+    linear_source_species = ()
+    linear_sources_vary = False
 
 
 class FrozenProduction(tme.TMEModel):
-    """TMEModel with every production held at its start-of-step value over the spectral step (ETD1)."""
+    """The model's species, every production held at its start-of-step value (ETD1)."""
 
     linear_sources_vary = False
 
 
-MODEL_CLASSES = {"model": None, "split": ProductionInReactions, "etd1": FrozenProduction}
+class IL2InPropagator(tme.TMEModel):
+    """IL-2's production and decay in the spectral step too, its uptake local."""
+
+    linear_source_species = _names("G", "X", "L", "B")
+    linear_sources_vary = _names("G", "X", "L")
+
+
+class AntibodiesInPropagator(tme.TMEModel):
+    """The antibodies' production and decay in the spectral step too, their vessel exchange local."""
+
+    linear_source_species = _names("G", "X", "B", "A1", "A2")
+
+
+MODEL_CLASSES = {"model": tme.TMEModel, "split": ProductionInReactions, "etd1": FrozenProduction,
+                 "il2_too": IL2InPropagator, "antibodies_too": AntibodiesInPropagator}
 
 
 def run(dt_max_h: float, scheme: str, hours: float) -> dict:
     """The default lesion of :func:`benchmarks.dt_convergence.run` for ``hours`` at ``dt_max_h``."""
-    result = dt_convergence.run(dt_max_h, duration_h=hours, model_class=MODEL_CLASSES[scheme])
+    model_class = None if scheme == "model" else MODEL_CLASSES[scheme]
+    result = dt_convergence.run(dt_max_h, duration_h=hours, model_class=model_class)
     result["scheme"] = scheme
     return result
+
+
+def hot_core(dt_max_h: float, scheme: str) -> dict:
+    """The uniform hot core for HOT_CORE_H at ``dt_max_h`` (float32); final fields under ``"_fields"``."""
+    from tmesolve.grid import Grid
+    from tmesolve.integrate import Integrator, initial_state, make_solver_params
+    from tmesolve.model.tme_setup import LesionSpec, setup_tme
+
+    setup = setup_tme(Grid((8, 8, 1), 100.0), [LesionSpec("inflamed", radius_um=150.0,
+                                                          represented_diameter_mm=None)], tissue_velocity=False)
+    grid = Grid((2, 2, 1), 400.0)
+    model = MODEL_CLASSES[scheme](grid, lesions=1, tissue_velocity=False)
+    centre = np.array(setup.state.fields)[:, :, 4, 4, 0]
+    centre[model.index("effector_t_cells")] = HOT_CORE_T_CELLS
+    fields = np.broadcast_to(centre[:, :, None, None, None], model.field_shape).copy()
+    state = initial_state(model, fields, aux=setup.state.aux)
+    state, _, diagnostics = Integrator(model).advance(state, setup.params, make_solver_params(dt_max_h),
+                                                      HOT_CORE_H)
+    values = np.asarray(state.fields, dtype=np.float64)[:, 0, 0, 0, 0]
+    return {"dt_max_h": dt_max_h, "scheme": scheme, "steps": int(diagnostics["steps"]),
+            "_fields": {name: values[i] for i, name in enumerate(model.names)}}
+
+
+def _compare(entries: list[dict], finest: dict, reference_scheme: str = "model") -> None:
+    for entry in entries:
+        fields = entry["_fields"]
+        reference = finest[reference_scheme]["_fields"]
+        own = finest[entry["scheme"]]["_fields"]
+        entry[f"relative_l2_to_finest_{reference_scheme}"] = {
+            name: dt_convergence.relative_l2(fields[name], reference[name]) for name in fields}
+        entry["relative_l2_to_finest_same_scheme"] = {
+            name: dt_convergence.relative_l2(fields[name], own[name]) for name in fields}
 
 
 def main(argv=None) -> dict:
@@ -86,27 +133,39 @@ def main(argv=None) -> dict:
     parser.add_argument("--hours", type=float, default=12.0)
     parser.add_argument("--out", default="benchmarks/results/cytokine-sources.json")
     args = parser.parse_args(argv)
-    finest = {scheme: run(0.005, scheme, args.hours) for scheme in SCHEMES}
-    runs = [run(dt, scheme, args.hours) for dt in (0.5, 0.1) for scheme in SCHEMES]
-    reference = finest["model"]["_fields"]
-    for entry in runs + list(finest.values()):
-        fields = entry["_fields"]
-        own = finest[entry["scheme"]]["_fields"]
-        entry["relative_l2_to_finest_model"] = {
-            name: dt_convergence.relative_l2(fields[name], reference[name]) for name in fields}
-        entry["relative_l2_to_finest_same_scheme"] = {
-            name: dt_convergence.relative_l2(fields[name], own[name]) for name in fields}
-    for entry in runs + list(finest.values()):
+    schemes = tuple(MODEL_CLASSES)
+    finest = {scheme: run(0.005, scheme, args.hours) for scheme in schemes}
+    runs = [run(dt, scheme, args.hours) for dt in (0.5, 0.1) for scheme in schemes]
+    _compare(runs + list(finest.values()), finest)
+    core_finest = {scheme: hot_core(0.01, scheme) for scheme in schemes}
+    core_runs = [hot_core(dt, scheme) for dt in (1.0, 0.5, 0.1) for scheme in schemes]
+    _compare(core_runs + list(core_finest.values()), core_finest)
+    for entry in core_runs + list(core_finest.values()):
+        entry["value_over_finest_model"] = {
+            name: float(value / core_finest["model"]["_fields"][name]) if core_finest["model"]["_fields"][name]
+            else float("nan") for name, value in entry["_fields"].items()}
+    for entry in runs + list(finest.values()) + core_runs + list(core_finest.values()):
         del entry["_fields"]
-    result = {"machine": machine_info(), "case": f"default lesion: 24^3 x 50 um, inflamed, r = 300 um, "
-              f"pembrolizumab, {args.hours:g} h, plain Strang, float32", "finest": list(finest.values()),
-              "runs": runs}
-    print(f"relative L2 after {args.hours:g} h against the 0.005 h run of the model's scheme")
-    print(f"{'dt_max h':>9} {'scheme':>7} {'wall s':>7} " + " ".join(f"{name:>17}" for name in SHOWN))
+    result = {"machine": machine_info(),
+              "case": f"default lesion: 24^3 x 50 um, inflamed, r = 300 um, pembrolizumab, {args.hours:g} h, "
+                      f"plain Strang, float32; hot core: 2x2x1 x 400 um uniform, T = {HOT_CORE_T_CELLS:g}/mm^3, "
+                      f"{HOT_CORE_H:g} h, no drug, float32",
+              "finest": list(finest.values()), "runs": runs,
+              "hot_core_finest": list(core_finest.values()), "hot_core_runs": core_runs}
+    print(f"default lesion: relative L2 after {args.hours:g} h against the 0.005 h run of the model's scheme")
+    print(f"{'dt_max h':>9} {'scheme':>15} {'wall s':>7} " + " ".join(f"{name:>17}" for name in SHOWN))
     for entry in runs + list(finest.values()):
         errors = entry["relative_l2_to_finest_model"]
-        print(f"{entry['dt_max_h']:9g} {entry['scheme']:>7} {entry['wall_s']:7.1f} "
+        print(f"{entry['dt_max_h']:9g} {entry['scheme']:>15} {entry['wall_s']:7.1f} "
               + " ".join(f"{errors[name]:17.2e}" for name in SHOWN))
+    print(f"hot core: relative error after {HOT_CORE_H:g} h against the 0.01 h run of the same scheme "
+          "(IL-2 / the model's 0.01 h run in the last column)")
+    core_shown = ("ifn_gamma", "cxcl9_10", "il2", "tgf_beta", "exhausted_t_cells")
+    print(f"{'dt_max h':>9} {'scheme':>15} " + " ".join(f"{name:>17}" for name in core_shown) + f" {'IL-2 ratio':>11}")
+    for entry in core_runs:
+        errors = entry["relative_l2_to_finest_same_scheme"]
+        row = " ".join(f"{errors[name]:17.2e}" for name in core_shown)
+        print(f"{entry['dt_max_h']:9g} {entry['scheme']:>15} {row} {entry['value_over_finest_model']['il2']:11.3f}")
     write_json(args.out, result)
     return result
 
