@@ -141,9 +141,10 @@ def main(argv=None) -> dict:
     core_runs = [hot_core(dt, scheme) for dt in (1.0, 0.5, 0.1) for scheme in schemes]
     _compare(core_runs + list(core_finest.values()), core_finest)
     for entry in core_runs + list(core_finest.values()):
+        # None where the model's fine value is 0 (the antibodies: no drug in the hot core).
         entry["value_over_finest_model"] = {
             name: float(value / core_finest["model"]["_fields"][name]) if core_finest["model"]["_fields"][name]
-            else float("nan") for name, value in entry["_fields"].items()}
+            else None for name, value in entry["_fields"].items()}
     for entry in runs + list(finest.values()) + core_runs + list(core_finest.values()):
         del entry["_fields"]
     result = {"machine": machine_info(),
