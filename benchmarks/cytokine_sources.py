@@ -2,15 +2,15 @@
 
     python -m benchmarks.cytokine_sources [--hours 12] [--out benchmarks/results/cytokine-sources.json]
 
-TMEModel hands the production P of IFN-γ, CXCL9/10 and TGF-β to the spectral
-step together with their diffusion and decay λ (``TMEModel.linear_sources``,
-``TMEModel.linear_source_species``), which integrates IFN-γ and CXCL9/10,
-whose production depends on fast species, by ETD2RK (the source at the start
-of the step and at an ETD1 prediction of its end,
-:func:`tmesolve.spectral.propagate`) and TGF-β by ETD1. IL-2 (stiff uptake
-by T cells) and the antibodies stay local. The schemes compared, all
-subclasses that only choose other species (so the compiled-loop cache does
-not apply to them):
+TMEModel hands the production P of IFN-γ, CXCL9/10, TGF-β and the two
+antibodies to the spectral step together with their diffusion and decay λ
+(``TMEModel.linear_sources``, ``TMEModel.linear_source_species``), which
+integrates IFN-γ and CXCL9/10, whose production depends on fast species, by
+ETD2RK (the source at the start of the step and at an ETD1 prediction of its
+end, :func:`tmesolve.spectral.propagate`) and the others by ETD1. IL-2
+(stiff uptake by T cells) stays local. The schemes compared, all subclasses
+that only choose other species (so the compiled-loop cache does not apply
+to them):
 
 * ``model``: TMEModel as it is.
 * ``split`` (the model up to commit a94f15e): every production and decay in
@@ -23,8 +23,8 @@ not apply to them):
   is first order, and so is the whole scheme.
 * ``il2_too``: IL-2's production in the spectral step as well, split from its
   uptake by T cells, which reaches ~6 h⁻¹ in a hot core.
-* ``antibodies_too``: the antibodies' production and decay in the spectral
-  step as well.
+* ``antibodies_local``: the antibodies' production and decay in the local
+  step (IFN-γ, CXCL9/10 and TGF-β in the spectral one).
 
 Two cases, each run with ``solver.dt_max_h`` = 0.5 and 0.1 h (and the hot
 core also at 1 h, the cohort app's cap) and compared field by field
@@ -74,18 +74,18 @@ class FrozenProduction(tme.TMEModel):
 class IL2InPropagator(tme.TMEModel):
     """IL-2's production and decay in the spectral step too, its uptake local."""
 
-    linear_source_species = _names("G", "X", "L", "B")
+    linear_source_species = _names("G", "X", "L", "B", "A1", "A2")
     linear_sources_vary = _names("G", "X", "L")
 
 
-class AntibodiesInPropagator(tme.TMEModel):
-    """The antibodies' production and decay in the spectral step too, their vessel exchange local."""
+class AntibodiesLocal(tme.TMEModel):
+    """The antibodies' production and decay in the local sub-step, beside their vessel exchange."""
 
-    linear_source_species = _names("G", "X", "B", "A1", "A2")
+    linear_source_species = _names("G", "X", "B")
 
 
 MODEL_CLASSES = {"model": tme.TMEModel, "split": ProductionInReactions, "etd1": FrozenProduction,
-                 "il2_too": IL2InPropagator, "antibodies_too": AntibodiesInPropagator}
+                 "il2_too": IL2InPropagator, "antibodies_local": AntibodiesLocal}
 
 
 def run(dt_max_h: float, scheme: str, hours: float) -> dict:

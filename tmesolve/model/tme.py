@@ -24,15 +24,16 @@ pd_l1          P                      1                    none
 =============  =====================  ===================  ==============
 
 The step splits into (see :mod:`tmesolve.stepping`): local reactions of every
-field but the production and decay of IFN-γ, CXCL9/10 and TGF-β, plus the
+field but the production and decay of IFN-γ, CXCL9/10, TGF-β and the drugs, plus the
 systemic compartment (positive exponential Heun; the systemic ODEs by ETD2),
 with oxygen and its diffusion solved together in the same stages (ROS2,
 :mod:`tmesolve.implicit`: its uptake is too stiff to split from diffusion);
 explicit cell transport (tissue velocity from the volume balance, Itô
 motility, chemotaxis up ∇X; SSP-RK2, conservative); and the spectral
 propagator of the six other fast species, which takes their diffusion, and
-for IFN-γ, CXCL9/10 and TGF-β their decay and production, in one
-exponential step (ETD2RK, ETD1 for TGF-β).
+for all but IL-2 (whose uptake by T cells is stiff) their decay and
+production, in one exponential step (ETD2RK for IFN-γ and CXCL9/10, ETD1
+for the others).
 
 Units: µm, h, cells·mm⁻³ (1 mm³ = 1 µL, so T_b in cells·µL⁻¹ is directly a
 tissue density), ng·mL⁻¹, µg·mL⁻¹, mmHg.
@@ -116,17 +117,19 @@ STIFF_FAST = ("O",)
 #: Fast species (symbols) whose production and decay the spectral step takes
 #: with their diffusion (TMEModel.linear_source_species, which the methods
 #: read, so a subclass may choose others): IFN-γ, CXCL9/10 and TGF-β, made where
-#: the cells are and lost at a rate that is the same everywhere. The others
-#: keep production, decay and loss together in the local step. IL-2, because
-#: its uptake by T cells, u_L(T + E)/(L + K_L), reaches ~6 h⁻¹ in a hot core
+#: the cells are, and the antibodies, which enter at the vessels; their local
+#: losses are none or slow (antibody exchange with vessels, k_A·V ≤ 0.02 h⁻¹
+#: at the table's k_A: a k_A near 1/Δt would make it stiff, as IL-2's uptake is).
+#: IL-2 keeps production, decay and uptake together in the local step: its
+#: uptake by T cells, u_L(T + E)/(L + K_L), reaches ~6 h⁻¹ in a hot core
 #: (T + E ≈ 3e4 cells/mm³), and a production split from a loss that stiff
-#: settles at a fraction of P/Λ. The antibodies, because their exchange with
-#: the vessels (k_A·V ≤ 0.02 h⁻¹) is slow and so is their split error. Both
-#: measured by ``python -m benchmarks.cytokine_sources`` (docs/model.md).
-PRODUCED_IN_PROPAGATOR = ("G", "X", "B")
+#: settles at a fraction of P/Λ. Measured by ``python -m
+#: benchmarks.cytokine_sources`` (docs/model.md).
+PRODUCED_IN_PROPAGATOR = ("G", "X", "B", "A1", "A2")
 #: Of those, the ones whose production depends on fast species, which change
 #: within the spectral step (IFN-γ through the antibodies' occupancy, CXCL9/10
-#: through IFN-γ): they take ETD2RK, TGF-β (from tumour cells and stroma) ETD1.
+#: through IFN-γ): they take ETD2RK; TGF-β (from tumour cells and stroma) and
+#: the antibodies (from plasma, through the vessels) ETD1, exact for them.
 PRODUCTION_VARIES_IN_PROPAGATOR = ("G", "X")
 PHENOTYPE_CODES = {"inflamed": 0, "excluded": 1, "desert": 2}
 
@@ -262,15 +265,15 @@ class TMEModel(Model):
         return tuple(by_name[name] for name in self.linear_source_species)
 
     def linear_coefficients(self, params: TMEParams):
-        """D and λ of O, G, X, L, B, A1, A2 for the spectral propagator (λ only for G, X, B).
+        """D and λ of O, G, X, L, B, A1, A2 for the spectral propagator (λ = 0 for O and L).
 
         Oxygen is listed for the fast block's layout only: it is in
         :attr:`stiff_fast`, so :meth:`react` diffuses it (D_O) with its local
         terms and the propagator leaves it alone. The species of
         :attr:`linear_source_species` meet their decay λ and their production
         (:meth:`linear_sources`) in the propagator, in one step with their
-        diffusion; the decays of IL-2 and the antibodies stay with their
-        production and losses in the local step (:meth:`reaction_terms`).
+        diffusion; IL-2's decay stays with its production and uptake in the
+        local step (:meth:`reaction_terms`).
         """
         p = params.model
         diffusivity = jnp.stack([p["D_O"], p["D_G"], p["D_X"], p["D_L"], p["D_B"], p["D_A"], p["D_A"]])
@@ -281,7 +284,7 @@ class TMEModel(Model):
 
     def linear_sources(self, state: State, params: TMEParams) -> jax.Array:
         """Production P (units/h) at ``state`` of the fast species of :attr:`linear_source_species`
-        (G, X and B), 0 for the others (MODEL.md, 'Key terms').
+        (G, X, B, A1, A2), 0 for O and L (MODEL.md, 'Key terms').
 
         Why here and not in :meth:`react`: a cytokine is made where the cells
         are (IFN-γ by engaged T cells, TGF-β by tumour and stroma) and spreads
@@ -292,7 +295,7 @@ class TMEModel(Model):
         step (ETD1 for TGF-β, exact for its source, which the spectral step
         does not change; ETD2RK for IFN-γ and CXCL9/10: :func:`tmesolve.spectral.propagate`)
         it is below 1e-4 (``python -m benchmarks.cytokine_sources``,
-        docs/model.md). IL-2 and the antibodies stay local (:data:`PRODUCED_IN_PROPAGATOR`).
+        docs/model.md). IL-2 stays local (:data:`PRODUCED_IN_PROPAGATOR`).
         """
         u = self._unstack(state.fields)
         production, _, _ = self.local_terms(u, params, state.aux.systemic, state.time)
@@ -394,8 +397,8 @@ class TMEModel(Model):
         The production and constant decay of :attr:`linear_source_species`
         are left out (the propagator has them: :meth:`linear_sources`,
         :meth:`linear_coefficients`), and so is oxygen, which :meth:`react`
-        advances with its diffusion. The decays of IL-2 and the antibodies
-        join their production and losses here.
+        advances with its diffusion. IL-2's decay joins its production and
+        uptake here.
         """
         u = self._unstack(fields)
         production, loss, extras = self.local_terms(u, params, systemic, time)
