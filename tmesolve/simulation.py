@@ -847,8 +847,6 @@ class CheckedModel(Model):
         self.exact = exact
         self.grid, self.species, self.lesions = inner.grid, inner.species, inner.lesions
         self.fast_boundary, self.spectrum = inner.fast_boundary, inner.spectrum
-        self.linear_source_species = inner.linear_source_species
-        self.linear_sources_vary = inner.linear_sources_vary
 
     def linear_coefficients(self, params):
         return self.inner.linear_coefficients(params.model)
@@ -878,6 +876,14 @@ class CheckedModel(Model):
     @property
     def stiff_fast(self):
         return self.inner.stiff_fast
+
+    @property
+    def linear_source_species(self):
+        return self.inner.linear_source_species
+
+    @property
+    def linear_sources_vary(self):
+        return self.inner.linear_sources_vary
 
     @property
     def trace_substeps_once(self):

@@ -110,25 +110,32 @@ def _stiff_split(model: Model) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return stiff, tuple(i for i in range(len(fast_names)) if i not in stiff)
 
 
-def _check_source_names(model: Model, plain: tuple[int, ...]) -> None:
-    """Refuse names in Model.linear_source_species / linear_sources_vary that are not
-    species the linear sub-step propagates: a misspelt name would silently drop that
-    species' production (its source is not read)."""
-    propagated = [model.names[i] for i in plain]
-    chosen = model.linear_source_species
-    vary = model.linear_sources_vary
-    for setting, names in (("linear_source_species", chosen),
+def _source_groups(model: Model, plain: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Indices among ``plain`` of the species without a source, with one constant over the
+    step and with one that varies (Model.linear_source_species, Model.linear_sources_vary).
+
+    Names that are not species the linear sub-step propagates are refused: a
+    misspelt one would silently drop that species' production (its source is
+    never read).
+    """
+    names = [model.names[i] for i in plain]
+    chosen, vary = model.linear_source_species, model.linear_sources_vary
+    for setting, given in (("linear_source_species", chosen),
                            ("linear_sources_vary", None if isinstance(vary, bool) else vary)):
-        if names is None:
+        if given is None:
             continue
-        if isinstance(names, str) or not isinstance(names, tuple):
-            raise ValueError(f"{setting}: got {names!r}; expected a tuple of species names")
-        for name in names:
-            if name not in propagated:
-                raise ValueError(f"{setting}: got {name!r}; expected one of the propagated fast species "
-                                 f"{propagated}")
+        if not isinstance(given, tuple):
+            raise ValueError(f"{setting}: got {given!r}; expected a tuple of species names")
+        for name in given:
+            if name not in names:
+                raise ValueError(f"{setting}: got {name!r}; expected one of the propagated fast species {names}")
             if setting == "linear_sources_vary" and chosen is not None and name not in chosen:
                 raise ValueError(f"{setting}: got {name!r}; expected one of linear_source_species {chosen}")
+    sourced = tuple(i for i in plain if chosen is None or model.names[i] in chosen)
+    varying = tuple(i for i in sourced if vary is True or (vary is not False and model.names[i] in vary))
+    constant = tuple(i for i in sourced if i not in varying)
+    free = tuple(i for i in plain if i not in sourced)
+    return free, constant, varying
 
 
 def _take(values: Any, indices: tuple[int, ...]) -> jax.Array:
@@ -157,7 +164,7 @@ class SplitStepper:
         self.order = order
         self.basis = Eigenbasis(model.grid, model.fast_boundary, model.spectrum) if model.num_fast else None
         self.stiff_indices, self.plain_indices = _stiff_split(model)
-        _check_source_names(model, self.plain_indices)
+        self.source_groups = _source_groups(model, self.plain_indices)
 
     @property
     def active_substeps(self) -> tuple[int, ...]:
@@ -175,7 +182,7 @@ class SplitStepper:
     def linear(self, state: State, params: Any, dt: jax.Array) -> State:
         """The spectral propagator over dt of the fast species, but the stiff ones (the model's react moves those).
 
-        Three groups (:meth:`_linear_groups`): species without a source take the
+        Three groups (:attr:`source_groups`): species without a source take the
         separable propagator, those with a source constant over the step ETD1,
         and those whose source varies ETD2RK, whose corrector evaluates the
         sources at the other groups' results and its own prediction, at t + Δt.
@@ -185,7 +192,8 @@ class SplitStepper:
             return state
         diffusivity, decay = model.linear_coefficients(params)
         source, fixed_value = model.linear_sources(state, params), model.linear_fixed_values(params)
-        free, constant, varying = self._linear_groups(source is not None)
+        # A model without sources (None) propagates every species source-free.
+        free, constant, varying = self.source_groups if source is not None else (self.plain_indices, (), ())
         fields = state.fields
 
         def advance(indices, with_source, source_at_end=None):
@@ -211,21 +219,6 @@ class SplitStepper:
 
             fields = _put(fields, varying, advance(varying, True, source_at_end))
         return replace(state, fields=fields)
-
-    def _linear_groups(self, with_sources: bool) -> tuple[tuple[int, ...], ...]:
-        """Indices of the fast, non-stiff species without a source, with one constant
-        over the step, and with one that varies (Model.linear_source_species,
-        Model.linear_sources_vary); static."""
-        model = self.model
-        names = model.names
-        chosen = model.linear_source_species
-        sourced = tuple(i for i in self.plain_indices
-                        if with_sources and (chosen is None or names[i] in chosen))
-        vary = model.linear_sources_vary
-        varying = tuple(i for i in sourced if vary is True or (not isinstance(vary, bool) and names[i] in vary))
-        constant = tuple(i for i in sourced if i not in varying)
-        free = tuple(i for i in self.plain_indices if i not in sourced)
-        return free, constant, varying
 
     @property
     def can_merge_reactions(self) -> bool:
