@@ -340,8 +340,13 @@ _HOST_ONLY_MODULES = frozenset({
     "tmesolve.io", "tmesolve.io.hdf5", "tmesolve.io.reader", "tmesolve.io.xdmf", "tmesolve.cohort",
     "tmesolve.geometry", "tmesolve.recist", "tmesolve.model.tme_setup", __name__,
 })
-#: Module-level values that are registries filled at run time, not settings.
-_REGISTRIES = frozenset({("tmesolve.simulation", "BUILDERS")})
+
+
+def _holds_code(value: Any) -> bool:
+    """A dict or list of functions or classes: code, which the source digest covers,
+    and often a registry that fills at run time (simulation.BUILDERS), not a setting."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(callable(item) and not _is_setting(item) for item in items)
 
 
 @functools.cache
@@ -380,7 +385,7 @@ def module_settings_digest() -> str:
         for attribute, value in sorted(vars(module).items()):
             if attribute.startswith("__") or not (_is_setting(value) or isinstance(value, (np.ndarray, dict, list))):
                 continue
-            if (name, attribute) in _REGISTRIES:
+            if _holds_code(value):
                 continue
             digest.update(f"{attribute}=".encode())
             try:
