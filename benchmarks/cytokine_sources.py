@@ -99,22 +99,16 @@ def run(dt_max_h: float, scheme: str, hours: float) -> dict:
 def hot_core(dt_max_h: float, scheme: str) -> dict:
     """The uniform hot core for HOT_CORE_H at ``dt_max_h`` (float32); final fields under ``"_fields"``."""
     from tmesolve.grid import Grid
-    from tmesolve.integrate import Integrator, initial_state, make_solver_params
-    from tmesolve.model.tme_setup import LesionSpec, setup_tme
+    from tmesolve.integrate import Integrator, make_solver_params
+    from tmesolve.model.tme_setup import setup_uniform_tissue
 
-    setup = setup_tme(Grid((8, 8, 1), 100.0), [LesionSpec("inflamed", radius_um=150.0,
-                                                          represented_diameter_mm=None)], tissue_velocity=False)
-    grid = Grid((2, 2, 1), 400.0)
-    model = MODEL_CLASSES[scheme](grid, lesions=1, tissue_velocity=False)
-    centre = np.array(setup.state.fields)[:, :, 4, 4, 0]
-    centre[model.index("effector_t_cells")] = HOT_CORE_T_CELLS
-    fields = np.broadcast_to(centre[:, :, None, None, None], model.field_shape).copy()
-    state = initial_state(model, fields, aux=setup.state.aux)
-    state, _, diagnostics = Integrator(model).advance(state, setup.params, make_solver_params(dt_max_h),
-                                                      HOT_CORE_H)
+    setup = setup_uniform_tissue(Grid((2, 2, 1), 400.0), fields={"effector_t_cells": HOT_CORE_T_CELLS},
+                                 model_class=MODEL_CLASSES[scheme])
+    state, _, diagnostics = Integrator(setup.model).advance(setup.state, setup.params,
+                                                            make_solver_params(dt_max_h), HOT_CORE_H)
     values = np.asarray(state.fields, dtype=np.float64)[:, 0, 0, 0, 0]
     return {"dt_max_h": dt_max_h, "scheme": scheme, "steps": int(diagnostics["steps"]),
-            "_fields": {name: values[i] for i, name in enumerate(model.names)}}
+            "_fields": {name: values[i] for i, name in enumerate(setup.model.names)}}
 
 
 def _compare(entries: list[dict], finest: dict, reference_scheme: str = "model") -> None:

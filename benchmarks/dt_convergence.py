@@ -42,8 +42,9 @@ def run(dt_max_h: float, shape: int = 24, spacing_um: float = 50.0, radius_um: f
 
     The final fields (float64, by species name) are under ``"_fields"``, for
     the comparison with the finest run; they are not written to the JSON.
-    ``model_class``: a subclass of TMEModel to run instead (same attributes,
-    other methods; benchmarks.cytokine_sources).
+    ``model_class``: a subclass of TMEModel to run instead (the same model
+    with other settings, e.g. the species whose production the spectral step
+    takes; benchmarks.cytokine_sources).
     """
     from tmesolve.grid import Grid
     from tmesolve.integrate import Integrator, make_solver_params

@@ -9,7 +9,6 @@ Run it to print the convergence series quoted in docs/model.md:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import jax
@@ -18,10 +17,10 @@ import numpy as np
 from scipy.integrate import solve_ivp
 
 from tmesolve.grid import Grid
-from tmesolve.integrate import Integrator, initial_state, make_solver_params
+from tmesolve.integrate import Integrator, make_solver_params
 from tmesolve.model import tme_reference
 from tmesolve.model.tme import SPECIES
-from tmesolve.model.tme_setup import LesionSpec, setup_tme
+from tmesolve.model.tme_setup import setup_uniform_tissue
 
 T_END_H = 30 * 24.0
 
@@ -48,17 +47,11 @@ def well_mixed_errors(dts, t_end_h: float = T_END_H) -> tuple[list[str], dict[fl
     with floors of 1e-9 K_max for the cell phases and 1e-9 for the rest.
     """
     grid = Grid((2, 2, 1), 400.0)  # 0.8 mm × 0.8 mm × 0.4 mm of uniform tissue
-    lesion = LesionSpec("inflamed", radius_um=150.0, represented_diameter_mm=None)
-    setup = setup_tme(Grid((8, 8, 1), 100.0), [lesion], dtype=jnp.float64, tissue_velocity=False)
-    params = setup.params
-    centre = np.array(setup.state.fields)[:, :, 4, 4, 0]        # a packed tumour voxel
-    centre[setup.model.index("effector_t_cells")] = 3.0e4     # an immune infiltrate from the start
-    model = type(setup.model)(grid, lesions=1, tissue_velocity=False)
+    # A packed tumour voxel with an immune infiltrate from the start; the box is the whole lesion.
+    setup = setup_uniform_tissue(grid, fields={"effector_t_cells": 3.0e4}, dtype=jnp.float64)
+    model, params, state = setup.model, setup.params, setup.state
+    centre = np.array(state.fields)[:, :, 0, 0, 0]
     box_mm3 = grid.num_voxels * grid.voxel_volume_mm3
-    fields = np.broadcast_to(centre[:, :, None, None, None], (len(SPECIES), 1, *grid.shape)).copy()
-    state = initial_state(model, fields, aux=setup.state.aux, dtype=jnp.float64)
-    # volume_scale 1: the box is the whole (uniform) lesion.
-    params = dataclasses.replace(params, volume_scale=jnp.ones(1, jnp.float64))
     integrator = Integrator(model)
     runs = {}
     for dt in dts:

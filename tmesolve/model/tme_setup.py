@@ -193,6 +193,32 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
 ASSESSMENT_INTERVAL_H = 6 * 7 * 24.0
 
 
+def setup_uniform_tissue(grid: Grid, phenotype: str = "inflamed", *, fields: Mapping[str, float] | None = None,
+                         dtype=jnp.float32, model_class: type[TMEModel] = TMEModel) -> TMESetup:
+    """Well-mixed tissue: every voxel of ``grid`` holds one packed tumour voxel of a
+    ``phenotype`` lesion, with ``fields`` (species name → value) set over it.
+
+    The voxel is the centre of an 8 × 8 × 1 box of 100 µm voxels around a
+    150 µm lesion built by :func:`setup_tme` (no therapy); its parameters and
+    systemic state come along. Tissue velocity is off and the box is the whole
+    lesion (volume_scale 1), so with uniform fields and no-flux walls the PDE
+    is the ODE of its local terms plus the systemic compartment: what the
+    well-mixed checks compare against ``solve_ivp`` and the step-error
+    benchmarks compare across schemes (``model_class``, a TMEModel subclass).
+    """
+    lesion = LesionSpec(phenotype, radius_um=150.0, represented_diameter_mm=None)
+    preset = setup_tme(Grid((8, 8, 1), 100.0), [lesion], dtype=dtype, tissue_velocity=False)
+    model = model_class(grid, lesions=1, tissue_velocity=False)
+    voxel = np.array(preset.state.fields)[:, :, 4, 4, 0]
+    for name, value in (fields or {}).items():
+        voxel[model.index(name)] = value
+    values = np.broadcast_to(voxel[:, :, None, None, None], model.field_shape).copy()
+    state = initial_state(model, values, aux=preset.state.aux, dtype=dtype)
+    params = dataclasses.replace(preset.params, volume_scale=jnp.ones(1, dtype))
+    maps = {name: values[model.index(name)] for name in preset.maps}
+    return dataclasses.replace(preset, model=model, params=params, state=state, maps=maps)
+
+
 def _lesion_specs(config) -> list[LesionSpec]:
     return [LesionSpec(phenotype=lesion.phenotype, tmb=lesion.tmb, radius_um=lesion.radius_um,
                        represented_diameter_mm=lesion.represented_diameter_mm,
