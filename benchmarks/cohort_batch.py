@@ -1,7 +1,8 @@
 """Batched cohort against one patient per process: the throughput of ``run_trial``'s vmap.
 
     python -m benchmarks.cohort_batch [--patients 64] [--lesions 3] [--shape 32]
-        [--spacing-um 100] [--days 365] [--singles 2] [--out benchmarks/results/cohort-batch.json]
+        [--spacing-um 100] [--days 365] [--singles 2] [--progress DIR]
+        [--out benchmarks/results/cohort-batch.json]
 
 A melanoma-preset cohort of ``--patients`` patients with exactly ``--lesions``
 lesions each, one arm (nivolumab after a 2-week lead-in), ``--days`` in all.
@@ -13,6 +14,13 @@ lesions each, one arm (nivolumab after a 2-week lead-in), ``--days`` in all.
   process (``--single INDEX``), the way a job array of single-patient runs
   would go: each pays interpreter start, imports, the setup, a compile and
   its run. Their mean wall time × patients is the one-at-a-time estimate.
+
+The full case (64 patients × 3 lesions × 32³ × a year) takes hours on a
+2-core CPU: ``--progress DIR`` keeps the batched run's checkpoints there
+(:mod:`tmesolve.trial_progress`, every 30 minutes), and the same command
+continues it after a stop. The batched time is then the sum over every
+attempt of each chunk's wall time (compile included); ``attempts`` says how
+many runs it took.
 
 Figures: ``speedup`` = one-at-a-time estimate ÷ batched wall time (the issue
 target is ≥ 10×), and patient-lesion-steps per second both ways. On a CPU the
@@ -49,16 +57,23 @@ def _cohort(patients: int, lesions: int, shape: int, spacing_um: float):
     return sample_cohort(spec)
 
 
-def _run(samples, shape: int, spacing_um: float, days: float) -> dict:
+def _run(samples, shape: int, spacing_um: float, days: float, progress: str | None = None) -> dict:
     from tmesolve.cohort import run_trial
     from tmesolve.grid import Grid
 
     start = time.perf_counter()
     result = run_trial(samples, [ARM], Grid((shape,) * 3, spacing_um),
-                       duration_h=days * 24.0 - LEAD_IN_H, lead_in_h=LEAD_IN_H, chunk_size=len(samples))
+                       duration_h=days * 24.0 - LEAD_IN_H, lead_in_h=LEAD_IN_H, chunk_size=len(samples),
+                       progress_dir=progress, resume=progress is not None)
     wall_s = time.perf_counter() - start
+    if progress is not None:
+        # Over every attempt: each chunk's wall time (setup, compile and run) as checkpointed.
+        wall_s = sum(chunk["seconds"] for chunk in result.chunks)
     outcomes = result.outcomes[ARM]
-    return {"wall_s": wall_s, "trace_counts": {str(k): v for k, v in result.trace_counts.items()},
+    return {"wall_s": wall_s, "wall_s_this_process": time.perf_counter() - start,
+            "attempts": max(chunk["attempts"] for chunk in result.chunks),
+            "steps": sum(chunk["steps"] for chunk in result.chunks),
+            "trace_counts": {str(k): v for k, v in result.trace_counts.items()},
             "best_response": [outcome.best_response for outcome in outcomes],
             # NaN (no measurable baseline) as null: the result file is strict JSON.
             "best_percent_change": [float(outcome.best_percent_change)
@@ -80,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--days", type=float, default=365.0)
     parser.add_argument("--singles", type=int, default=2, help="patients run one per process")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--progress", help="folder for the batched run's checkpoints; rerun to continue")
     parser.add_argument("--out", default="benchmarks/results/cohort-batch.json")
     args = parser.parse_args(argv)
     if args.days * 24.0 <= LEAD_IN_H:
@@ -88,12 +104,18 @@ def main(argv: list[str] | None = None) -> dict:
         _single(args.single, args)
         return {}
 
+    import logging
+    import os
+
     from benchmarks import write_json
     from benchmarks.machine import machine_info
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the chunk progress lines
+    load_at_start = os.getloadavg()
     samples = _cohort(args.patients, args.lesions, args.shape, args.spacing_um)
-    batched = _run(samples, args.shape, args.spacing_um, args.days)
-    print(f"batched: {args.patients} patients in {batched['wall_s']:.1f} s", flush=True)
+    batched = _run(samples, args.shape, args.spacing_um, args.days, args.progress)
+    print(f"batched: {args.patients} patients in {batched['wall_s']:.1f} s "
+          f"({batched['attempts']} attempts)", flush=True)
 
     singles = []
     for index in range(min(args.singles, args.patients)):
@@ -123,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         "one_at_a_time_estimate_s": one_at_a_time_s,
         "speedup": one_at_a_time_s / batched["wall_s"],
         "note": "one-at-a-time = mean wall time of the single-patient processes x patients",
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": os.getloadavg(),
     }
     write_json(args.out, result)
     print(f"one at a time (estimated from {len(singles)}): {one_at_a_time_s:.1f} s; batched "

@@ -84,11 +84,15 @@ def test_cohort_batch_benchmark_smoke(tmp_path):
     out = tmp_path / "cohort.json"
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.cohort_batch", "--patients", "2", "--lesions", "1",
-         "--shape", "8", "--spacing-um", "100", "--days", "15", "--singles", "1", "--out", str(out)],
+         "--shape", "8", "--spacing-um", "100", "--days", "15", "--singles", "1", "--out", str(out),
+         "--progress", str(tmp_path / "progress")],
         cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["batched"]["trace_counts"] == {"1": 1}
+    # Checkpointed (resumable) batched run: one attempt, its chunk finished on disk.
+    assert report["batched"]["attempts"] == 1 and report["batched"]["steps"] > 0
+    assert (tmp_path / "progress" / "chunk-1-00-0000.h5").exists()
     assert len(report["singles"]) == 1 and report["singles"][0]["trace_counts"] == {"1": 1}
     # The single-patient run reproduced the batched patient (the benchmark checks it too).
     assert report["singles"][0]["best_percent_change"][0] == pytest.approx(

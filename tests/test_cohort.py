@@ -36,7 +36,7 @@ from tmesolve.cohort_cli import main
 from tmesolve.errors import ConfigError
 from tmesolve.geometry import PHENOTYPES
 from tmesolve.grid import Grid
-from tmesolve.integrate import Integrator, make_solver_params
+from tmesolve.integrate import BatchIntegrator, Integrator, make_solver_params
 from tmesolve.model.tme_setup import setup_tme
 
 GRID = Grid((6, 6, 6), 100.0)
@@ -384,6 +384,62 @@ def test_tiny_trial_runs_end_to_end_and_writes_its_files(tmp_path, shared_integr
     assert "baseline PD-L1 in this cohort" in report
 
 
+def _advance_stopping_at(call: int):
+    """A ``BatchIntegrator.advance`` that raises KeyboardInterrupt (a job killed) at its ``call``-th call."""
+    advance, calls = BatchIntegrator.advance, [0]
+
+    def stopping(integrator, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return advance(integrator, *args, **kwargs)
+
+    return stopping
+
+
+def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrators, monkeypatch):
+    """Checkpoints (tmesolve.trial_progress): a trial stopped in its second chunk and
+    resumed gives, value for value, the records and outcomes of an uninterrupted run;
+    the finished chunk is read back, not run again; other settings are refused."""
+    samples = sample_cohort(small_spec(3, seed=7, name="resume", lesions_max=1))
+    # One lesion, chunks of 2: the loop compiled by the equivalence test above.
+    run = functools.partial(run_trial, samples, ["nivolumab"], GRID, 6 * WEEK_H, chunk_size=CHUNK,
+                            dt_max=DT_MAX, integrators=shared_integrators)
+    reference = run()
+    progress = tmp_path / "progress"
+    # Chunk 1: the first advance and every stop; chunk 2 stops at its fourth stop.
+    stops = len(reference.stop_times_h)
+    monkeypatch.setattr(BatchIntegrator, "advance", _advance_stopping_at((1 + stops) + 1 + 4))
+    with pytest.raises(KeyboardInterrupt):
+        run(progress_dir=progress, checkpoint_interval_s=0.0)
+    monkeypatch.undo()
+    files = sorted(path.name for path in progress.iterdir())
+    assert files == ["chunk-1-00-0000.h5", "chunk-1-00-0002.h5", "trial.json"]
+    with h5py.File(progress / "chunk-1-00-0002.h5", "r") as handle:
+        assert handle.attrs["next_stop"] == 3 and "state" in handle  # stops 1–3 done, the 4th was not
+    with h5py.File(progress / "chunk-1-00-0000.h5", "r") as handle:
+        assert handle.attrs["next_stop"] == stops and "state" not in handle
+
+    with pytest.raises(ConfigError, match=r"^trial\.resume: got False;"):
+        run(progress_dir=progress)
+    with pytest.raises(ConfigError, match=r"these differ: dt_max_h$"):
+        run_trial(samples, ["nivolumab"], GRID, 6 * WEEK_H, chunk_size=CHUNK, dt_max=1.5,
+                  progress_dir=progress, resume=True)
+
+    resumed = run(progress_dir=progress, resume=True)
+    assert [(c["run_now"], c["attempts"]) for c in resumed.chunks] == [(False, 1), (True, 2)]
+    for p in range(len(samples)):
+        expected, got = reference.records["nivolumab"][p], resumed.records["nivolumab"][p]
+        assert expected.keys() == got.keys()
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+        assert resumed.outcomes["nivolumab"][p] == reference.outcomes["nivolumab"][p]
+    # A finished folder: every chunk is read, nothing runs or compiles.
+    again = run(progress_dir=progress, resume=True)
+    assert again.trace_counts == {1: 0} and not any(c["run_now"] for c in again.chunks)
+    assert again.outcomes == reference.outcomes
+
+
 def test_trial_reports_the_management_rule_and_the_worst_grade(shared_integrators):
     """irAE-prone cohorts on the combination. k_R = 0.003: grade 3 between two
     weekly records (which show at most grade 2) is still the patient's worst
@@ -541,6 +597,37 @@ def test_cli_refuses_to_replace_an_earlier_trial(tmp_path, capsys):
     assert (out / "report.txt").read_text() == "keep me"
     assert (out / ".hydra" / "overrides.yaml").read_text() == "- cohort=rcc\n"
     assert not (out / "cohort.h5").exists()
+
+
+def test_cli_resumes_an_interrupted_trial(tmp_path, capsys, monkeypatch):
+    """A killed run leaves progress/; the same command refuses to start over it, a
+    resume with other settings is refused without touching the run record, and
+    output.resume=true finishes the trial with the files of an uninterrupted run."""
+    out = tmp_path / "out"
+    argv = [*TINY_TRIAL, "output.checkpoint_minutes=0", f"hydra.run.dir={out}"]
+    monkeypatch.setattr(BatchIntegrator, "advance", _advance_stopping_at(3))
+    assert main(argv) == 130
+    monkeypatch.undo()
+    assert (out / "progress" / "trial.json").exists() and not (out / "cohort.h5").exists()
+    record = (out / ".hydra" / "overrides.yaml").read_text()
+    capsys.readouterr()
+
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "output.resume: got False" in lines[0] and "progress" in lines[0]
+    assert main([*argv, "output.resume=true", "trial.weeks=3"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "output.resume: got True" in lines[0] and "duration_h" in lines[0]
+    assert (out / ".hydra" / "overrides.yaml").read_text() == record
+
+    assert main([*argv, "output.resume=true"]) == 0
+    assert not (out / "progress").exists()
+    assert "output.resume=true" in (out / ".hydra" / "overrides.yaml").read_text()
+    fresh = tmp_path / "fresh"
+    assert main([*TINY_TRIAL, f"hydra.run.dir={fresh}"]) == 0
+    assert (out / "patients.csv").read_text() == (fresh / "patients.csv").read_text()
+    with h5py.File(out / "cohort.h5", "r") as handle:
+        assert [chunk["attempts"] for chunk in json.loads(handle.attrs["chunks"])] == [2]
 
 
 def test_cli_module_exits_non_zero_with_one_line(tmp_path):

@@ -52,7 +52,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tmesolve.errors import ConfigError, check_non_negative, check_positive, check_range
+from tmesolve.executable_cache import source_digest
 from tmesolve.geometry import PHENOTYPES
 from tmesolve.grid import Grid
 from tmesolve.integrate import BatchIntegrator, SimulationError, make_solver_params
@@ -77,6 +78,7 @@ from tmesolve.readouts import PHENOTYPES as CLASS_NAMES
 from tmesolve.readouts import SYSTEMIC, TIMESERIES
 from tmesolve.recist import CATEGORIES, score_recist
 from tmesolve.therapy.regimens import REGIMENS, build_schedule, event_times
+from tmesolve.trial_progress import ChunkCheckpoint, TrialProgress
 
 __all__ = [
     "CHECKMATE_067_ORR",
@@ -574,6 +576,10 @@ class TrialResult:
         chunk_sizes: lesion count → patient-arms per chunk.
         settings: solver and run settings (for the file).
         wall_time_s: wall time of the run (s).
+        chunks: one entry per chunk of patient-arms advanced together: lesion_count,
+            patient_arms, size (with padding), steps, seconds (wall time over every
+            attempt, compile included), attempts, and run_now (False: finished in an
+            earlier run and read from ``progress_dir``).
     """
 
     samples: tuple[PatientSample, ...]
@@ -593,6 +599,7 @@ class TrialResult:
     chunk_sizes: dict[int, int]
     settings: dict[str, Any]
     wall_time_s: float
+    chunks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _check_samples(samples: Sequence[PatientSample], grid: Grid) -> None:
@@ -733,6 +740,10 @@ def run_trial(
     integrators: dict | None = None,
     merge_reactions: bool = False,
     pad_lesions: bool = False,
+    progress_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_interval_s: float = 1800.0,
+    before_compile: Callable[[], Any] | None = None,
 ) -> TrialResult:
     """Run every patient under every arm (paired) and score each patient-arm by RECIST 1.1.
 
@@ -767,13 +778,26 @@ def run_trial(
         pad_lesions: pad every patient to the largest lesion count of the cohort
             (copies of its first lesion, unseen by the systemic compartment): one
             group, one compile, more lesions computed (see the module docstring).
+        progress_dir: folder for checkpoints (:mod:`tmesolve.trial_progress`): every
+            finished chunk, and an unfinished chunk's batched state at most every
+            ``checkpoint_interval_s`` seconds (at a stop). None: no checkpoints.
+        resume: continue the trial whose checkpoints ``progress_dir`` holds (its
+            settings must equal these); finished chunks are read, not run again, and
+            an unfinished one goes on from its last stop, value for value as if it had
+            not stopped. False with checkpoints there is refused.
+        checkpoint_interval_s: least wall time between two checkpoints of an
+            unfinished chunk (s); 0 writes one at every stop.
+        before_compile: called once every setting (the checkpoint folder included) is
+            checked, before anything compiles (``tmesolve-cohort`` writes its run
+            record there, so that a refused run leaves an earlier record as it was).
 
     Returns:
         A :class:`TrialResult`; ``trace_counts`` holds one compile per lesion-count group
         (a single group, keyed by the largest lesion count, with ``pad_lesions``).
 
     Raises:
-        ConfigError: bad settings, before anything compiles.
+        ConfigError: bad settings (a checkpoint folder of another trial included),
+            before anything compiles.
         SimulationError: a patient's fields became non-finite (names patient, arm and time).
     """
     started = time.perf_counter()
@@ -809,6 +833,7 @@ def run_trial(
         raise ConfigError(
             "trial.dtype", "float64", "jax_enable_x64 switched on first (JAX_ENABLE_X64=1)"
         )
+    checkpoint_interval_s = check_non_negative("trial.checkpoint_interval_s", checkpoint_interval_s)
     solver = make_solver_params(dt_max, safety, dtype=dtype)
     end_h = lead_in_h + duration_h
 
@@ -874,16 +899,89 @@ def run_trial(
         )
         return pad_lesion_copies(setup, largest_count) if pad_lesions else setup
 
+    # The settings that decide the simulated values (with the times and the patients).
+    run_settings = {
+        "dtype": str(dtype),
+        "dt_max_h": float(dt_max),
+        "safety": float(safety),
+        "splitting_order": int(splitting_order),
+        "merge_reactions": bool(merge_reactions),
+        "pad_lesions": bool(pad_lesions),
+        "weight_kg": float(weight_kg),
+        "parameters": dict(parameters or {}),
+    }
+    progress = None
+    if progress_dir is not None:
+        fingerprint = {
+            "samples": [dataclasses.asdict(sample) for sample in samples],
+            "arms": list(arms),
+            "grid": {"shape": list(grid.shape), "spacing_um": grid.spacing_um,
+                     "origin_um": list(grid.origin_um)},
+            "stop_times_h": stops.tolist(),
+            "record_times_h": records.tolist(),
+            "lead_in_h": lead_in_h,
+            "duration_h": duration_h,
+            **run_settings,
+            "tmesolve_source": source_digest(),
+            "jax": jax.__version__,
+        }
+        progress = TrialProgress(progress_dir, fingerprint, resume=resume, key="trial.resume")
+    if before_compile is not None:
+        before_compile()
+    saved_chunks = {} if progress is None else {
+        (chunk.lesion_count, tuple(chunk.members)): chunk for chunk in progress.chunks}
+    chunk_log: list[dict[str, Any]] = []
+    times = np.asarray(records, dtype=float)
+
+    def score_chunk(chunk, collected, recist_uses):
+        for k, (a, p) in enumerate(chunk):
+            history = {
+                name: np.stack([np.asarray(rec[name][k], dtype=np.float64) for rec in collected])
+                for name in record_names
+            }
+            # Padding copies (pad_lesions) come after the patient's own lesions.
+            own = samples[p].n_lesions
+            for name in per_lesion_records & history.keys():
+                history[name] = history[name][:, :own]
+            arm = arms[a]
+            diameter = "longest_diameter_mm" if recist_uses[k] == "mask" else "burden_diameter_mm"
+            histories[arm][p] = history
+            outcomes[arm][p] = _score(
+                samples[p], arm, history, times, diameter, lead_in_h, assessments, durable_cr_h
+            )
+
     for lesion_count in sorted(groups):
         members = groups[lesion_count]
-        first = build(members[0])
+        # Chunks of an earlier attempt: finished ones are scored from their records,
+        # unfinished ones run first, each with its own composition (the same batch, so
+        # the same values as if the run had not stopped).
+        pending: list[tuple[list[tuple[int, int]], int, Any]] = []
+        covered: set[tuple[int, int]] = set()
+        for (count, chunk_members), saved in saved_chunks.items():
+            if count != lesion_count:
+                continue
+            covered.update(chunk_members)
+            if saved.finished(len(stops)):
+                score_chunk(list(chunk_members), saved.collected(), saved.recist_uses)
+                chunk_log.append({"lesion_count": lesion_count, "patient_arms": len(chunk_members),
+                                  "size": saved.size, "steps": saved.steps, "seconds": saved.seconds,
+                                  "attempts": saved.attempts, "run_now": False})
+            else:
+                pending.append((list(chunk_members), saved.size, saved))
+        remaining = [member for member in members if member not in covered]
+        if not pending and not remaining:
+            trace_counts[lesion_count] = 0
+            log.info("%d-lesion group: all %d patient-arms read from %s", lesion_count, len(members),
+                     progress_dir)
+            continue
+        first = build((pending[0][0] if pending else remaining)[0])
         size = chunk_size
         if size is None:
             state_bytes = sum(
                 np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(first.state)
             )
-            size = choose_chunk_size(state_bytes, len(members))
-        size = min(size, len(members))
+            size = choose_chunk_size(state_bytes, len(remaining) or 1)
+        size = min(size, max(len(remaining), 1))
         chunk_sizes[lesion_count] = size
         cache_key = (
             "tme",
@@ -900,33 +998,56 @@ def run_trial(
             integrator = cache[cache_key] = BatchIntegrator(first.model, splitting_order, merge_reactions)
         traced_before = integrator.trace_count
         del first
+        pending += [(remaining[start : start + size], size, None) for start in range(0, len(remaining), size)]
         log.info(
-            "%d-lesion group: %d patient-arms in chunks of %d", lesion_count, len(members), size
+            "%d-lesion group: %d patient-arms in chunks of %d%s", lesion_count, len(members), size,
+            f" ({len(members) - len(remaining)} from {progress_dir})" if len(remaining) < len(members) else "",
         )
-        for start in range(0, len(members), size):
-            chunk = members[start : start + size]
-            # Pad the last chunk with copies of its last member: one shape, one compile.
-            padded = chunk + [chunk[-1]] * (size - len(chunk))
+        # Patient-arms of this group already finished (read from progress_dir).
+        done = len(members) - len(remaining) - sum(len(chunk) for chunk, _, saved in pending if saved)
+        for chunk, batch, saved in pending:
+            chunk_started = time.perf_counter()
+            # Pad the chunk with copies of its last member: one shape, one compile.
+            padded = chunk + [chunk[-1]] * (batch - len(chunk))
             setups = [build(member) for member in padded]
             recist_uses = [setup.recist_uses for setup in setups]
             _, params, state = stack_setups(setups)
             del setups
-            collected: list[dict[str, np.ndarray]] = []
-            chunk_started = time.perf_counter()
-            state, readouts, _ = integrator.advance(state, params, solver, 0.0)
-            collected.append(jax.device_get(readouts))
-            log.info(
-                "%d-lesion group: first advance (%s) took %.1f s",
-                lesion_count,
-                {"disk": "loop loaded from the compiled-loop cache", "memory": "loop compiled before"}.get(
-                    integrator.last_source, "loop compiled on a new shape"),
-                time.perf_counter() - chunk_started,
-            )
-            steps = 0
-            for stop in stops:
-                state, readouts, diagnostics = integrator.advance(
-                    state, params, solver, float(stop)
+            if saved is None:
+                collected: list[dict[str, np.ndarray]] = []
+                state, readouts, _ = integrator.advance(state, params, solver, 0.0)
+                collected.append({name: np.asarray(readouts[name]) for name in record_names})
+                log.info(
+                    "%d-lesion group: first advance (%s) took %.1f s",
+                    lesion_count,
+                    {"disk": "loop loaded from the compiled-loop cache",
+                     "memory": "loop compiled before"}.get(integrator.last_source, "loop compiled on a new shape"),
+                    time.perf_counter() - chunk_started,
                 )
+                next_stop, steps, seconds_before, attempts = 0, 0, 0.0, 1
+            else:
+                state = saved.restore_state(state)
+                collected = saved.collected()
+                next_stop, steps, seconds_before, attempts = (saved.next_stop, saved.steps, saved.seconds,
+                                                              saved.attempts + 1)
+                log.info("%d-lesion group: chunk of %d patient-arms resumed at t = %g h (stop %d of %d)",
+                         lesion_count, len(chunk), float(stops[next_stop - 1]) if next_stop else 0.0,
+                         next_stop, len(stops))
+
+            def checkpoint(next_stop, steps, collected, state=None, *, chunk=chunk, batch=batch,
+                           recist_uses=recist_uses, attempts=attempts, seconds_before=seconds_before,
+                           chunk_started=chunk_started, lesion_count=lesion_count):
+                return ChunkCheckpoint(
+                    lesion_count=lesion_count, members=chunk, size=batch, next_stop=next_stop, steps=steps,
+                    seconds=seconds_before + time.perf_counter() - chunk_started,
+                    records={name: np.stack([rec[name] for rec in collected]) for name in record_names},
+                    recist_uses=recist_uses, attempts=attempts,
+                    state_leaves=None if state is None else [np.asarray(leaf)
+                                                             for leaf in jax.tree_util.tree_leaves(state)])
+
+            for index in range(next_stop, len(stops)):
+                stop = stops[index]
+                state, readouts, diagnostics = integrator.advance(state, params, solver, float(stop))
                 finite = np.asarray(diagnostics["finite"])
                 steps += int(np.max(diagnostics["steps"]))
                 if not np.all(finite):
@@ -937,34 +1058,24 @@ def run_trial(
                         f"non-finite before t = {stop:g} h; reduce dt_max"
                     )
                 if np.any(np.isclose(records, stop, rtol=0.0, atol=1e-6)):
-                    collected.append(jax.device_get(readouts))
-            times = np.asarray(records, dtype=float)
-            for k, (a, p) in enumerate(chunk):
-                history = {
-                    name: np.stack(
-                        [np.asarray(rec[name][k], dtype=np.float64) for rec in collected]
-                    )
-                    for name in record_names
-                }
-                # Padding copies (pad_lesions) come after the patient's own lesions.
-                own = samples[p].n_lesions
-                for name in per_lesion_records & history.keys():
-                    history[name] = history[name][:, :own]
-                arm = arms[a]
-                diameter = (
-                    "longest_diameter_mm" if recist_uses[k] == "mask" else "burden_diameter_mm"
-                )
-                histories[arm][p] = history
-                outcomes[arm][p] = _score(
-                    samples[p], arm, history, times, diameter, lead_in_h, assessments, durable_cr_h
-                )
+                    collected.append({name: np.asarray(readouts[name]) for name in record_names})
+                if (progress is not None and index + 1 < len(stops)
+                        and progress.due(lesion_count, chunk, checkpoint_interval_s)):
+                    progress.save(checkpoint(index + 1, steps, collected, state))
+            seconds = seconds_before + time.perf_counter() - chunk_started
+            if progress is not None:
+                progress.save(checkpoint(len(stops), steps, collected))
+            score_chunk(chunk, collected, recist_uses)
+            chunk_log.append({"lesion_count": lesion_count, "patient_arms": len(chunk), "size": batch,
+                              "steps": steps, "seconds": seconds, "attempts": attempts, "run_now": True})
+            done += len(chunk)
             log.info(
                 "%d-lesion group: %d/%d patient-arms done (%d steps, %.1f s)",
                 lesion_count,
-                min(start + size, len(members)),
+                done,
                 len(members),
                 steps,
-                time.perf_counter() - chunk_started,
+                seconds,
             )
         trace_counts[lesion_count] = integrator.trace_count - traced_before
 
@@ -985,18 +1096,12 @@ def run_trial(
         trace_counts=trace_counts,
         chunk_sizes=chunk_sizes,
         settings={
-            "dtype": str(dtype),
-            "dt_max_h": float(dt_max),
-            "safety": float(safety),
-            "splitting_order": int(splitting_order),
-            "merge_reactions": bool(merge_reactions),
-            "pad_lesions": bool(pad_lesions),
-            "weight_kg": float(weight_kg),
+            **run_settings,
             "record_interval_h": float(record_interval_h),
-            "parameters": dict(parameters or {}),
             "backend": jax.default_backend(),
         },
         wall_time_s=time.perf_counter() - started,
+        chunks=chunk_log,
     )
 
 
@@ -1522,6 +1627,7 @@ def write_trial(
             handle.attrs[name] = float(getattr(result, name))
         handle.attrs["settings"] = json.dumps(result.settings, default=str)
         handle.attrs["trace_counts"] = json.dumps(result.trace_counts)
+        handle.attrs["chunks"] = json.dumps(result.chunks)
         handle.attrs["summary"] = json.dumps(summary, default=str)
         for key, value in (attrs or {}).items():
             plain = isinstance(value, (str, int, float, np.integer, np.floating))

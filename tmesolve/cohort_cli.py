@@ -26,6 +26,16 @@ Errors: bad input prints ONE line on stderr, ``tmesolve-cohort: <key>: got
 file (``.hydra/`` included) is written; a failed run prints one line and exits 1;
 ``TMESOLVE_DEBUG=1`` shows the traceback instead. Trial files of an earlier
 run in the same directory are never replaced unless ``output.overwrite=true``.
+
+Checkpoints: while it runs, the trial keeps ``progress/`` in the run directory
+(:mod:`tmesolve.trial_progress`): every finished chunk of patient-arms, and an
+unfinished chunk's state at most every ``output.checkpoint_minutes``. A run
+stopped by a batch queue's time limit or a crash continues with the same
+command and ``output.resume=true`` (settings that change the simulated values
+must be the same; a difference is refused, naming them); the resumed trial's
+values are those of an uninterrupted run. ``progress/`` is removed once the
+trial files are written. Without ``output.resume=true`` a run directory with
+checkpoints is refused (``output.overwrite=true`` starts the trial again).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmesolve import cli
 from tmesolve import config as configuration
-from tmesolve.errors import ConfigError, check_positive, check_range
+from tmesolve.errors import ConfigError, check_non_negative, check_positive, check_range
 
 PROG = "tmesolve-cohort"
 EXIT_CONFIG_ERROR = cli.EXIT_CONFIG_ERROR
@@ -57,6 +68,8 @@ RADIUS_FRACTION = (0.2, 0.3)
 VOXELS_RANGE = (4, 256)
 #: What a run writes into its directory (an earlier run's are kept unless output.overwrite).
 TRIAL_FILES = ("cohort.h5", "patients.csv", "summary.csv", "report.txt", "figures")
+#: Checkpoints of an unfinished trial, in the run directory (removed once the trial files are written).
+PROGRESS_DIR = "progress"
 #: Hydra's own command-line flags; any other ``-x``/``--x`` is refused in one line.
 _HYDRA_FLAGS = frozenset(
     {
@@ -105,6 +118,8 @@ class TrialPlan:
     float64: bool
     figures: bool
     overwrite: bool
+    resume: bool
+    checkpoint_interval_s: float
     progress: bool
     compilation_cache_dir: str | None
 
@@ -207,13 +222,16 @@ def plan_trial(cfg: DictConfig) -> TrialPlan:
         float64=solver.dtype == "float64",
         figures=bool(output.figures),
         overwrite=bool(output.overwrite),
+        resume=bool(output.resume),
+        checkpoint_interval_s=60.0 * check_non_negative("output.checkpoint_minutes", output.checkpoint_minutes),
         progress=bool(output.progress),
         compilation_cache_dir=output.compilation_cache_dir,
     )
 
 
-def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an earlier run's trial files unless ``output.overwrite``."""
+def _check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to replace an earlier run's trial files unless ``output.overwrite``, and
+    to start over an unfinished trial's checkpoints unless resuming or overwriting."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("hydra.run.dir", str(run_dir), "a directory (this is a file)")
     found = [name for name in TRIAL_FILES if (run_dir / name).exists()]
@@ -224,13 +242,21 @@ def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
             f"true to replace the trial files in {run_dir} ({', '.join(found)}), "
             "or another hydra.run.dir",
         )
+    progress = run_dir / PROGRESS_DIR
+    if progress.exists() and any(progress.iterdir()) and not (resume or overwrite):
+        raise ConfigError(
+            "output.resume",
+            False,
+            f"true to continue the unfinished trial checkpointed in {progress} "
+            "(or output.overwrite=true to start it again, or another hydra.run.dir)",
+        )
 
 
 def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Validate ``cfg``, run the trial and write its files into ``run_dir``; returns the summary."""
     run_dir = Path(run_dir)
     plan = plan_trial(cfg)
-    _check_run_dir(run_dir, plan.overwrite)
+    _check_run_dir(run_dir, plan.overwrite, plan.resume)
     # Progress lines go with output.progress; the results are always reported.
     logging.getLogger("tmesolve").setLevel(logging.INFO if plan.progress else logging.WARNING)
     results_log.setLevel(logging.INFO)
@@ -240,21 +266,38 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
     from tmesolve import cohort, simulation
 
     attrs = simulation.provenance(configuration.to_yaml(cfg), overrides, plan.spec.seed)
-    # After _check_run_dir: a refused run leaves an earlier trial's record as it was.
-    configuration.write_hydra_record(run_dir, cfg, overrides)
     simulation.configure_precision("float64" if plan.float64 else "float32")
     dtype = jnp.float64 if plan.float64 else jnp.float32
     cache = simulation.configure_compilation_cache(plan.compilation_cache_dir, log)
     if cache:
         log.info("persistent compilation cache: %s", cache)
     samples = cohort.sample_cohort(plan.spec)
-    result = cohort.run_trial(
-        samples, plan.arms, plan.grid, plan.duration_h, dtype=dtype, **plan.options
-    )
+    progress = run_dir / PROGRESS_DIR
+    if plan.overwrite and not plan.resume and progress.exists():
+        shutil.rmtree(progress)
+        log.info("output.overwrite: removed the checkpoints of an earlier trial in %s", progress)
+    try:
+        result = cohort.run_trial(
+            samples, plan.arms, plan.grid, plan.duration_h, dtype=dtype, **plan.options,
+            progress_dir=progress, resume=plan.resume, checkpoint_interval_s=plan.checkpoint_interval_s,
+            # Once every setting and the checkpoints are checked: a refused run leaves
+            # an earlier trial's record as it was.
+            before_compile=lambda: configuration.write_hydra_record(run_dir, cfg, overrides),
+        )
+    except ConfigError as error:
+        if error.key == "trial.resume":  # the checkpoints belong to other settings
+            raise ConfigError("output.resume", error.value, error.expected) from None
+        raise
     summary = cohort.summarize_trial(result, **plan.cuts)
     paths = cohort.write_trial(
         result, summary, run_dir, cohort=plan.spec, figures=plan.figures, attrs=attrs
     )
+    resumed = sum(chunk["patient_arms"] for chunk in result.chunks if not chunk["run_now"])
+    if resumed or any(chunk["attempts"] > 1 for chunk in result.chunks):
+        results_log.info("resumed from %s: %d patient-arms read, %.0f s of compute over every attempt",
+                         progress, resumed, sum(chunk["seconds"] for chunk in result.chunks))
+    # The trial files hold everything the checkpoints did.
+    shutil.rmtree(progress, ignore_errors=True)
     for arm in result.arms:
         orr = summary["per_arm"][arm]["orr"]
         results_log.info(

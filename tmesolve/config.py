@@ -329,6 +329,10 @@ class CohortOutputConf:
     figures: bool = True
     #: replace the trial files of an earlier run in the same directory.
     overwrite: bool = False
+    #: continue the unfinished trial whose checkpoints are in the run directory's progress/.
+    resume: bool = False
+    #: least wall time between two checkpoints of an unfinished chunk (minutes; 0: every stop).
+    checkpoint_minutes: float = 30.0
     progress: bool = True
     compilation_cache_dir: str | None = "${oc.env:TMESOLVE_CACHE_DIR,'~/.cache/tmesolve/jax'}"
 
