@@ -407,11 +407,18 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
                             dt_max=DT_MAX, integrators=shared_integrators)
     reference = run()
     progress = tmp_path / "progress"
-    # Chunk 1: the first advance and every stop; chunk 2 stops at its fourth stop.
+    # Chunk 1: the first advance and every stop; chunk 2 stops at its fourth stop,
+    # before its first checkpoint (due after an hour).
     stops = len(reference.stop_times_h)
     monkeypatch.setattr(BatchIntegrator, "advance", _advance_stopping_at((1 + stops) + 1 + 4))
     with pytest.raises(KeyboardInterrupt):
-        run(progress_dir=progress, checkpoint_interval_s=0.0)
+        run(progress_dir=progress, checkpoint_interval_s=3600.0)
+    assert sorted(path.name for path in progress.iterdir()) == ["chunk-1-00-0000.h5", "trial.json"]
+    # Resumed: chunk 2 runs again from its start, batched as before (padded to 2), and
+    # stops at its fourth stop again, now with a checkpoint at every stop.
+    monkeypatch.setattr(BatchIntegrator, "advance", _advance_stopping_at(1 + 4))
+    with pytest.raises(KeyboardInterrupt):
+        run(progress_dir=progress, resume=True, checkpoint_interval_s=0.0)
     monkeypatch.undo()
     files = sorted(path.name for path in progress.iterdir())
     assert files == ["chunk-1-00-0000.h5", "chunk-1-00-0002.h5", "trial.json"]
@@ -422,9 +429,10 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
 
     with pytest.raises(ConfigError, match=r"^trial\.resume: got False;"):
         run(progress_dir=progress)
-    with pytest.raises(ConfigError, match=r"these differ: dt_max_h$"):
+    with pytest.raises(ConfigError, match=r"\(these differ: dt_max_h\)"):
         run_trial(samples, ["nivolumab"], GRID, 6 * WEEK_H, chunk_size=CHUNK, dt_max=1.5,
                   progress_dir=progress, resume=True)
+    assert len(list(progress.glob("chunk-*.h5"))) == 2  # refused runs touch nothing
 
     resumed = run(progress_dir=progress, resume=True)
     assert [(c["run_now"], c["attempts"]) for c in resumed.chunks] == [(False, 1), (True, 2)]
@@ -438,6 +446,12 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
     again = run(progress_dir=progress, resume=True)
     assert again.trace_counts == {1: 0} and not any(c["run_now"] for c in again.chunks)
     assert again.outcomes == reference.outcomes
+    # A damaged checkpoint is named, not read; restart discards the checkpoints.
+    (progress / "chunk-1-00-0002.h5").write_bytes(b"not HDF5")
+    with pytest.raises(ConfigError, match=r"chunk-1-00-0002\.h5 is not \(OSError\)"):
+        run(progress_dir=progress, resume=True)
+    fresh = run(progress_dir=progress, restart=True)
+    assert all(c["run_now"] and c["attempts"] == 1 for c in fresh.chunks)
 
 
 def test_trial_reports_the_management_rule_and_the_worst_grade(shared_integrators):

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tmesolve.errors import ConfigError, check_non_negative, check_positive, check_range
-from tmesolve.executable_cache import source_digest
+from tmesolve.executable_cache import jaxlib_version, source_digest
 from tmesolve.geometry import PHENOTYPES
 from tmesolve.grid import Grid
 from tmesolve.integrate import BatchIntegrator, SimulationError, make_solver_params
@@ -742,6 +742,7 @@ def run_trial(
     pad_lesions: bool = False,
     progress_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    restart: bool = False,
     checkpoint_interval_s: float = 1800.0,
     before_compile: Callable[[], Any] | None = None,
 ) -> TrialResult:
@@ -784,7 +785,9 @@ def run_trial(
         resume: continue the trial whose checkpoints ``progress_dir`` holds (its
             settings must equal these); finished chunks are read, not run again, and
             an unfinished one goes on from its last stop, value for value as if it had
-            not stopped. False with checkpoints there is refused.
+            not stopped. False with checkpoints there is refused, unless ``restart``.
+        restart: discard the checkpoints in ``progress_dir`` (once every setting is
+            checked) and run the trial from the start; ignored with ``resume``.
         checkpoint_interval_s: least wall time between two checkpoints of an
             unfinished chunk (s); 0 writes one at every stop.
         before_compile: called once every setting (the checkpoint folder included) is
@@ -923,9 +926,15 @@ def run_trial(
             "duration_h": duration_h,
             **run_settings,
             "tmesolve_source": source_digest(),
+            # Where the values were computed: another backend, device or XLA build
+            # rounds differently (CPU models of one cluster are not told apart).
             "jax": jax.__version__,
+            "jaxlib": jaxlib_version(),
+            "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind,
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         }
-        progress = TrialProgress(progress_dir, fingerprint, resume=resume, key="trial.resume")
+        progress = TrialProgress(progress_dir, fingerprint, resume=resume, restart=restart, key="trial.resume")
     if before_compile is not None:
         before_compile()
     saved_chunks = {} if progress is None else {
@@ -971,17 +980,22 @@ def run_trial(
         remaining = [member for member in members if member not in covered]
         if not pending and not remaining:
             trace_counts[lesion_count] = 0
+            chunk_sizes[lesion_count] = progress.saved_chunk_size(lesion_count)
             log.info("%d-lesion group: all %d patient-arms read from %s", lesion_count, len(members),
                      progress_dir)
             continue
         first = build((pending[0][0] if pending else remaining)[0])
-        size = chunk_size
+        # A group resumed keeps the batch size of its saved chunks: the rest of its
+        # members then fall into the chunks (and batches) of an uninterrupted run.
+        size = None if progress is None else progress.saved_chunk_size(lesion_count)
+        if size is None:
+            size = chunk_size
         if size is None:
             state_bytes = sum(
                 np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(first.state)
             )
-            size = choose_chunk_size(state_bytes, len(remaining) or 1)
-        size = min(size, max(len(remaining), 1))
+            size = choose_chunk_size(state_bytes, len(members))
+        size = min(size, len(members))
         chunk_sizes[lesion_count] = size
         cache_key = (
             "tme",

@@ -243,12 +243,14 @@ def _check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             "or another hydra.run.dir",
         )
     progress = run_dir / PROGRESS_DIR
-    if progress.exists() and any(progress.iterdir()) and not (resume or overwrite):
+    if progress.exists() and not progress.is_dir():
+        raise ConfigError("hydra.run.dir", str(run_dir), f"a run directory whose {PROGRESS_DIR} is a folder")
+    if progress.is_dir() and any(progress.glob("chunk-*.h5")) and not (resume or overwrite):
         raise ConfigError(
             "output.resume",
             False,
-            f"true to continue the unfinished trial checkpointed in {progress} "
-            "(or output.overwrite=true to start it again, or another hydra.run.dir)",
+            f"true to continue the unfinished trial checkpointed in {progress}",
+            "or output.overwrite=true to start it again, or another hydra.run.dir",
         )
 
 
@@ -273,20 +275,20 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
         log.info("persistent compilation cache: %s", cache)
     samples = cohort.sample_cohort(plan.spec)
     progress = run_dir / PROGRESS_DIR
-    if plan.overwrite and not plan.resume and progress.exists():
-        shutil.rmtree(progress)
-        log.info("output.overwrite: removed the checkpoints of an earlier trial in %s", progress)
     try:
         result = cohort.run_trial(
             samples, plan.arms, plan.grid, plan.duration_h, dtype=dtype, **plan.options,
             progress_dir=progress, resume=plan.resume, checkpoint_interval_s=plan.checkpoint_interval_s,
+            # output.overwrite starts again: earlier checkpoints go once every setting is checked.
+            restart=plan.overwrite and not plan.resume,
             # Once every setting and the checkpoints are checked: a refused run leaves
             # an earlier trial's record as it was.
             before_compile=lambda: configuration.write_hydra_record(run_dir, cfg, overrides),
         )
     except ConfigError as error:
-        if error.key == "trial.resume":  # the checkpoints belong to other settings
-            raise ConfigError("output.resume", error.value, error.expected) from None
+        if error.key == "trial.resume":  # the checkpoints belong to other settings, or are damaged
+            hint = "or output.overwrite=true to start the trial again" if "differ" in error.expected else ""
+            raise ConfigError("output.resume", error.value, error.expected, hint) from None
         raise
     summary = cohort.summarize_trial(result, **plan.cuts)
     paths = cohort.write_trial(

@@ -145,7 +145,7 @@ def environment_digest() -> str:
     parts = [
         f"format {FORMAT}",
         f"jax {jax.__version__}",
-        f"jaxlib {_jaxlib_version()}",
+        f"jaxlib {jaxlib_version()}",
         f"backend {jax.default_backend()} {device.device_kind} {device.client.platform_version}",
         f"cpu {_cpu_flags()}",
         f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}",
@@ -155,7 +155,8 @@ def environment_digest() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _jaxlib_version() -> str:
+def jaxlib_version() -> str:
+    """The installed jaxlib's version."""
     from jaxlib import version  # the compiler and runtime that built the executable
 
     return version.__version__

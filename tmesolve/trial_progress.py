@@ -6,8 +6,9 @@ batch queues allow one job. :func:`tmesolve.cohort.run_trial` with
 
 * ``trial.json``: every setting that decides the simulated values (the
   sampled patients, arms, grid, times, solver, parameter overrides, the
-  tmesolve source digest and the JAX version). A run that resumes must
-  have the same; a difference is refused, naming the settings that differ.
+  tmesolve source digest, JAX and jaxlib versions, backend, device kind and
+  ``XLA_FLAGS``). A run that resumes must have the same; a difference is
+  refused, naming the settings that differ.
 * ``chunk-<lesions>-<arm>-<patient>.h5``, one per chunk of patient-arms
   advanced together: its members, the readout records collected so far,
   the index of the next stop, steps and seconds spent, and, until the
@@ -24,6 +25,7 @@ parameters, so a resumed trial's values are those of an uninterrupted one
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +36,8 @@ import jax
 import numpy as np
 
 from tmesolve.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Version of the files' layout; a folder of another version is refused.
 FORMAT = 1
@@ -49,10 +53,21 @@ def _numpy_to_json(value: Any) -> Any:
 
 
 def _write_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename the result onto ``path``."""
+    """Call ``write(temporary_path)``, then rename the result onto ``path``.
+
+    The file is flushed to disk before the rename, and the folder after it: a
+    node that loses power keeps the old file or the new one, never a torn one.
+    """
     temporary = path.with_name(path.name + ".tmp")
     write(temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class ChunkCheckpoint:
@@ -69,12 +84,13 @@ class ChunkCheckpoint:
         recist_uses: per batch member, "mask" or "burden" (what RECIST measures).
         state_leaves: the batched state's leaves at ``next_stop``, or None when finished.
         attempts: runs that have worked on the chunk, this one included once it writes.
+        path: the file it was read from (None: not read).
     """
 
     def __init__(self, *, lesion_count: int, members: Sequence[tuple[int, int]], size: int,
                  next_stop: int, steps: int, seconds: float, records: Mapping[str, np.ndarray],
                  recist_uses: Sequence[str], state_leaves: list[np.ndarray] | None,
-                 attempts: int) -> None:
+                 attempts: int, path: Path | None = None) -> None:
         self.lesion_count = int(lesion_count)
         self.members = [tuple(int(i) for i in member) for member in members]
         self.size = int(size)
@@ -85,6 +101,7 @@ class ChunkCheckpoint:
         self.recist_uses = [str(use) for use in recist_uses]
         self.state_leaves = state_leaves
         self.attempts = int(attempts)
+        self.path = path
 
     def finished(self, stops: int) -> bool:
         return self.next_stop >= stops
@@ -106,7 +123,7 @@ class ChunkCheckpoint:
             np.shape(old) != np.shape(new) or np.asarray(old).dtype != np.asarray(new).dtype
             for old, new in zip(saved, leaves)
         ):
-            raise ValueError("a chunk checkpoint's state does not match the trial's state layout")
+            raise ValueError(f"{self.path}: the saved state does not match the trial's state layout")
         return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(leaf) for leaf in saved])
 
 
@@ -114,25 +131,33 @@ class TrialProgress:
     """The checkpoint folder of one trial (see the module docstring)."""
 
     def __init__(self, directory: str | os.PathLike, fingerprint: Mapping[str, Any], *,
-                 resume: bool, key: str = "resume") -> None:
+                 resume: bool, restart: bool = False, key: str = "resume") -> None:
         """Open ``directory`` for a trial with ``fingerprint``.
 
-        A new or empty folder starts a fresh record. A folder with checkpoints is
-        used only with ``resume`` (else a :class:`ConfigError` names ``key``), and
-        only when its fingerprint equals this trial's (else a ConfigError lists the
-        settings that differ). Nothing is written before these checks pass.
+        Checkpoints are the chunk files (a ``trial.json`` alone records no work). A
+        folder with checkpoints is used only with ``resume`` (else a
+        :class:`ConfigError` names ``key``), and only when its fingerprint equals
+        this trial's (else a ConfigError lists the settings that differ);
+        ``restart`` (and not ``resume``) discards them instead. Nothing is written
+        or removed before these checks pass.
         """
         self.directory = Path(directory)
         # As it reads back from trial.json (tuples as lists), so the two compare equal.
         self.fingerprint = json.loads(json.dumps({**fingerprint, "format": FORMAT}, default=_numpy_to_json))
         if self.directory.exists() and not self.directory.is_dir():
-            raise ConfigError(key, str(self.directory), "a folder for the trial's checkpoints (this is a file)")
+            raise ConfigError("progress_dir", str(self.directory), "a folder for the trial's checkpoints, not a file")
         stored_path = self.directory / FINGERPRINT_FILE
         chunk_files = sorted(self.directory.glob("chunk-*.h5")) if self.directory.is_dir() else []
-        if stored_path.exists() or chunk_files:
+        if chunk_files and restart and not resume:
+            for path in chunk_files:
+                path.unlink()
+            log.info("restart: removed %d chunk checkpoints of an earlier trial from %s", len(chunk_files),
+                     self.directory)
+            chunk_files = []
+        if chunk_files:
             if not resume:
                 raise ConfigError(key, False, f"True to continue the unfinished trial in {self.directory} "
-                                              f"({len(chunk_files)} chunk files), or another folder")
+                                              f"({len(chunk_files)} chunk files)", "or start it again elsewhere")
             if not stored_path.exists():
                 raise ConfigError(key, True, f"a checkpoint folder with its {FINGERPRINT_FILE}; "
                                              f"{self.directory} has chunk files but none")
@@ -140,35 +165,46 @@ class TrialProgress:
             differ = sorted(name for name in set(stored) | set(self.fingerprint)
                             if stored.get(name) != self.fingerprint.get(name))
             if differ:
-                raise ConfigError(key, True, f"the settings of the unfinished trial in {self.directory}; "
-                                             f"these differ: {', '.join(differ)}")
-        self.chunks = [self._read(path) for path in chunk_files]
+                raise ConfigError(key, True, f"the settings of the unfinished trial in {self.directory} "
+                                             f"(these differ: {', '.join(differ)})",
+                                  "or start the trial again to change them")
+        self.chunks = [self._read(path, key) for path in chunk_files]
         self.directory.mkdir(parents=True, exist_ok=True)
-        if not stored_path.exists():
-            _write_atomically(stored_path, lambda path: path.write_text(json.dumps(self.fingerprint, indent=1)))
-        self._last_saved = {}
+        # Rewritten while no chunk is recorded: a run that stopped before its first
+        # checkpoint left nothing the new settings could contradict.
+        _write_atomically(stored_path, lambda path: path.write_text(json.dumps(self.fingerprint, indent=1)))
+        self._last_saved: dict[str, float] = {}
+
+    def saved_chunk_size(self, lesion_count: int) -> int | None:
+        """The batch size of the group's saved chunks (None: none saved), for its other chunks."""
+        sizes = [chunk.size for chunk in self.chunks if chunk.lesion_count == lesion_count]
+        return max(sizes) if sizes else None
 
     @staticmethod
     def chunk_name(lesion_count: int, members: Sequence[tuple[int, int]]) -> str:
         arm, patient = members[0]
         return f"chunk-{lesion_count}-{arm:02d}-{patient:04d}.h5"
 
-    def _read(self, path: Path) -> ChunkCheckpoint:
+    def _read(self, path: Path, key: str) -> ChunkCheckpoint:
         import h5py
 
-        with h5py.File(path, "r") as handle:
-            attrs = handle.attrs
-            records = {name: handle["records"][name][()] for name in handle["records"]}
-            leaves = None
-            if "state" in handle:
-                group = handle["state"]
-                leaves = [group[f"{index:05d}"][()] for index in range(len(group))]
-            return ChunkCheckpoint(
-                lesion_count=int(attrs["lesion_count"]), members=json.loads(attrs["members"]),
-                size=int(attrs["size"]), next_stop=int(attrs["next_stop"]), steps=int(attrs["steps"]),
-                seconds=float(attrs["seconds"]), records=records,
-                recist_uses=json.loads(attrs["recist_uses"]), state_leaves=leaves,
-                attempts=int(attrs["attempts"]))
+        try:
+            with h5py.File(path, "r") as handle:
+                attrs = handle.attrs
+                records = {name: handle["records"][name][()] for name in handle["records"]}
+                leaves = None
+                if "state" in handle:
+                    group = handle["state"]
+                    leaves = [group[f"{index:05d}"][()] for index in range(len(group))]
+                return ChunkCheckpoint(
+                    lesion_count=int(attrs["lesion_count"]), members=json.loads(attrs["members"]),
+                    size=int(attrs["size"]), next_stop=int(attrs["next_stop"]), steps=int(attrs["steps"]),
+                    seconds=float(attrs["seconds"]), records=records,
+                    recist_uses=json.loads(attrs["recist_uses"]), state_leaves=leaves,
+                    attempts=int(attrs["attempts"]), path=path)
+        except (OSError, KeyError, ValueError) as error:  # a damaged file (a node lost power mid-write)
+            raise ConfigError(key, True, f"readable checkpoints; {path} is not ({type(error).__name__})",
+                              "remove it and its chunk runs again") from None
 
     def due(self, lesion_count: int, members: Sequence[tuple[int, int]], interval_s: float) -> bool:
         """Whether ``interval_s`` has passed since this run started or last wrote the chunk."""
