@@ -20,7 +20,10 @@ The full case (64 patients × 3 lesions × 32³ × a year) takes hours on a
 (:mod:`tmesolve.trial_progress`, every 30 minutes), and the same command
 continues it after a stop. The batched time is then the sum over every
 attempt of each chunk's wall time (compile included); ``attempts`` says how
-many runs it took.
+many runs it took. CPU times (process user + system, all threads; the batched
+run's from its checkpoints, the single runs' from their child processes) are
+reported beside wall times: a long run on a shared machine has its wall time
+inflated by whatever else ran, its CPU time much less so.
 
 Figures: ``speedup`` = one-at-a-time estimate ÷ batched wall time (the issue
 target is ≥ 10×), and patient-lesion-steps per second both ways. On a CPU the
@@ -35,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import math
+import resource
 import subprocess
 import sys
 import time
@@ -71,6 +75,7 @@ def _run(samples, shape: int, spacing_um: float, days: float, progress: str | No
         wall_s = sum(chunk["seconds"] for chunk in result.chunks)
     outcomes = result.outcomes[ARM]
     return {"wall_s": wall_s, "wall_s_this_process": time.perf_counter() - start,
+            "cpu_s": sum(chunk["cpu_seconds"] for chunk in result.chunks),
             "attempts": max(chunk["attempts"] for chunk in result.chunks),
             "steps": sum(chunk["steps"] for chunk in result.chunks),
             "trace_counts": {str(k): v for k, v in result.trace_counts.items()},
@@ -122,11 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
         command = [sys.executable, "-m", "benchmarks.cohort_batch", "--single", str(index),
                    "--patients", str(args.patients), "--lesions", str(args.lesions),
                    "--shape", str(args.shape), "--spacing-um", str(args.spacing_um), "--days", str(args.days)]
-        start = time.perf_counter()
+        start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         completed = subprocess.run(command, check=True, capture_output=True, text=True)
         process_s = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        process_cpu_s = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
         inner = json.loads(completed.stdout.strip().splitlines()[-1])
-        singles.append({"index": index, "process_wall_s": process_s, **inner})
+        singles.append({"index": index, "process_wall_s": process_s, "process_cpu_s": process_cpu_s, **inner})
         print(f"patient {index} alone: {process_s:.1f} s in its own process", flush=True)
         alone, together = inner["best_percent_change"][0], batched["best_percent_change"][index]
         if (alone is None) != (together is None) or (
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     mean_single_s = sum(s["process_wall_s"] for s in singles) / len(singles)
     one_at_a_time_s = mean_single_s * args.patients
+    one_at_a_time_cpu_s = sum(s["process_cpu_s"] for s in singles) / len(singles) * args.patients
     result = {
         "machine": machine_info(),
         "cohort": {"preset": "melanoma", "patients": args.patients, "lesions": args.lesions,
@@ -144,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         "singles": singles,
         "one_at_a_time_estimate_s": one_at_a_time_s,
         "speedup": one_at_a_time_s / batched["wall_s"],
+        "one_at_a_time_estimate_cpu_s": one_at_a_time_cpu_s,
+        # CPU time is not inflated by other work sharing the machine (wall time is).
+        "speedup_cpu_time": one_at_a_time_cpu_s / batched["cpu_s"],
         "note": "one-at-a-time = mean wall time of the single-patient processes x patients",
         "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),

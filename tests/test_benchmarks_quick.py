@@ -92,6 +92,7 @@ def test_cohort_batch_benchmark_smoke(tmp_path):
     assert report["batched"]["trace_counts"] == {"1": 1}
     # Checkpointed (resumable) batched run: one attempt, its chunk finished on disk.
     assert report["batched"]["attempts"] == 1 and report["batched"]["steps"] > 0
+    assert positive(report["batched"]["cpu_s"]) and positive(report["speedup_cpu_time"])
     assert (tmp_path / "progress" / "chunk-1-00-0000.h5").exists()
     assert len(report["singles"]) == 1 and report["singles"][0]["trace_counts"] == {"1": 1}
     # The single-patient run reproduced the batched patient (the benchmark checks it too).

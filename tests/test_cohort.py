@@ -436,6 +436,7 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
 
     resumed = run(progress_dir=progress, resume=True)
     assert [(c["run_now"], c["attempts"]) for c in resumed.chunks] == [(False, 1), (True, 2)]
+    assert all(c["cpu_seconds"] > 0 and c["seconds"] > 0 for c in resumed.chunks)
     for p in range(len(samples)):
         expected, got = reference.records["nivolumab"][p], resumed.records["nivolumab"][p]
         assert expected.keys() == got.keys()

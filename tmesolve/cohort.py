@@ -577,9 +577,10 @@ class TrialResult:
         settings: solver and run settings (for the file).
         wall_time_s: wall time of the run (s).
         chunks: one entry per chunk of patient-arms advanced together: lesion_count,
-            patient_arms, size (with padding), steps, seconds (wall time over every
-            attempt, compile included), attempts, and run_now (False: finished in an
-            earlier run and read from ``progress_dir``).
+            patient_arms, size (with padding), steps, seconds and cpu_seconds (wall and
+            process CPU time over every attempt, setup and compile included),
+            attempts, and run_now (False: finished in an earlier run and read from
+            ``progress_dir``).
     """
 
     samples: tuple[PatientSample, ...]
@@ -974,6 +975,7 @@ def run_trial(
                 score_chunk(list(chunk_members), saved.collected(), saved.recist_uses)
                 chunk_log.append({"lesion_count": lesion_count, "patient_arms": len(chunk_members),
                                   "size": saved.size, "steps": saved.steps, "seconds": saved.seconds,
+                                  "cpu_seconds": saved.cpu_seconds,
                                   "attempts": saved.attempts, "run_now": False})
             else:
                 pending.append((list(chunk_members), saved.size, saved))
@@ -1020,7 +1022,7 @@ def run_trial(
         # Patient-arms of this group already finished (read from progress_dir).
         done = len(members) - len(remaining) - sum(len(chunk) for chunk, _, saved in pending if saved)
         for chunk, batch, saved in pending:
-            chunk_started = time.perf_counter()
+            chunk_started, cpu_started = time.perf_counter(), time.process_time()
             # Pad the chunk with copies of its last member: one shape, one compile.
             padded = chunk + [chunk[-1]] * (batch - len(chunk))
             setups = [build(member) for member in padded]
@@ -1038,22 +1040,24 @@ def run_trial(
                      "memory": "loop compiled before"}.get(integrator.last_source, "loop compiled on a new shape"),
                     time.perf_counter() - chunk_started,
                 )
-                next_stop, steps, seconds_before, attempts = 0, 0, 0.0, 1
+                next_stop, steps, seconds_before, cpu_before, attempts = 0, 0, 0.0, 0.0, 1
             else:
                 state = saved.restore_state(state)
                 collected = saved.collected()
-                next_stop, steps, seconds_before, attempts = (saved.next_stop, saved.steps, saved.seconds,
-                                                              saved.attempts + 1)
+                next_stop, steps, seconds_before, cpu_before, attempts = (
+                    saved.next_stop, saved.steps, saved.seconds, saved.cpu_seconds, saved.attempts + 1)
                 log.info("%d-lesion group: chunk of %d patient-arms resumed at t = %g h (stop %d of %d)",
                          lesion_count, len(chunk), float(stops[next_stop - 1]) if next_stop else 0.0,
                          next_stop, len(stops))
 
             def checkpoint(next_stop, steps, collected, state=None, *, chunk=chunk, batch=batch,
                            recist_uses=recist_uses, attempts=attempts, seconds_before=seconds_before,
-                           chunk_started=chunk_started, lesion_count=lesion_count):
+                           chunk_started=chunk_started, cpu_before=cpu_before, cpu_started=cpu_started,
+                           lesion_count=lesion_count):
                 return ChunkCheckpoint(
                     lesion_count=lesion_count, members=chunk, size=batch, next_stop=next_stop, steps=steps,
                     seconds=seconds_before + time.perf_counter() - chunk_started,
+                    cpu_seconds=cpu_before + time.process_time() - cpu_started,
                     records={name: np.stack([rec[name] for rec in collected]) for name in record_names},
                     recist_uses=recist_uses, attempts=attempts,
                     state_leaves=None if state is None else [np.asarray(leaf)
@@ -1077,11 +1081,13 @@ def run_trial(
                         and progress.due(lesion_count, chunk, checkpoint_interval_s)):
                     progress.save(checkpoint(index + 1, steps, collected, state))
             seconds = seconds_before + time.perf_counter() - chunk_started
+            cpu_seconds = cpu_before + time.process_time() - cpu_started
             if progress is not None:
                 progress.save(checkpoint(len(stops), steps, collected))
             score_chunk(chunk, collected, recist_uses)
             chunk_log.append({"lesion_count": lesion_count, "patient_arms": len(chunk), "size": batch,
-                              "steps": steps, "seconds": seconds, "attempts": attempts, "run_now": True})
+                              "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                              "attempts": attempts, "run_now": True})
             done += len(chunk)
             log.info(
                 "%d-lesion group: %d/%d patient-arms done (%d steps, %.1f s)",

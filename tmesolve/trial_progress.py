@@ -11,7 +11,7 @@ batch queues allow one job. :func:`tmesolve.cohort.run_trial` with
   refused, naming the settings that differ.
 * ``chunk-<lesions>-<arm>-<patient>.h5``, one per chunk of patient-arms
   advanced together: its members, the readout records collected so far,
-  the index of the next stop, steps and seconds spent, and, until the
+  the index of the next stop, steps and seconds spent (wall and CPU), and, until the
   chunk is finished, the whole batched state at its last stop (written at
   most every ``checkpoint_interval_s``, and at the end).
 
@@ -80,6 +80,8 @@ class ChunkCheckpoint:
         next_stop: index into the trial's stops of the next stop to run to.
         steps: steps taken so far (the largest over the batch, summed over stops).
         seconds: wall time spent on the chunk so far, over every attempt (s).
+        cpu_seconds: the process's CPU time (all threads) spent on it so far (s): unlike
+            the wall time, not inflated when other work shares the machine.
         records: readout name → (records so far, size, ...) values.
         recist_uses: per batch member, "mask" or "burden" (what RECIST measures).
         state_leaves: the batched state's leaves at ``next_stop``, or None when finished.
@@ -88,7 +90,7 @@ class ChunkCheckpoint:
     """
 
     def __init__(self, *, lesion_count: int, members: Sequence[tuple[int, int]], size: int,
-                 next_stop: int, steps: int, seconds: float, records: Mapping[str, np.ndarray],
+                 next_stop: int, steps: int, seconds: float, cpu_seconds: float, records: Mapping[str, np.ndarray],
                  recist_uses: Sequence[str], state_leaves: list[np.ndarray] | None,
                  attempts: int, path: Path | None = None) -> None:
         self.lesion_count = int(lesion_count)
@@ -97,6 +99,7 @@ class ChunkCheckpoint:
         self.next_stop = int(next_stop)
         self.steps = int(steps)
         self.seconds = float(seconds)
+        self.cpu_seconds = float(cpu_seconds)
         self.records = dict(records)
         self.recist_uses = [str(use) for use in recist_uses]
         self.state_leaves = state_leaves
@@ -199,7 +202,7 @@ class TrialProgress:
                 return ChunkCheckpoint(
                     lesion_count=int(attrs["lesion_count"]), members=json.loads(attrs["members"]),
                     size=int(attrs["size"]), next_stop=int(attrs["next_stop"]), steps=int(attrs["steps"]),
-                    seconds=float(attrs["seconds"]), records=records,
+                    seconds=float(attrs["seconds"]), cpu_seconds=float(attrs["cpu_seconds"]), records=records,
                     recist_uses=json.loads(attrs["recist_uses"]), state_leaves=leaves,
                     attempts=int(attrs["attempts"]), path=path)
         except (OSError, KeyError, ValueError) as error:  # a damaged file (a node lost power mid-write)
@@ -227,6 +230,7 @@ class TrialProgress:
                 handle.attrs["next_stop"] = checkpoint.next_stop
                 handle.attrs["steps"] = checkpoint.steps
                 handle.attrs["seconds"] = checkpoint.seconds
+                handle.attrs["cpu_seconds"] = checkpoint.cpu_seconds
                 handle.attrs["attempts"] = checkpoint.attempts
                 handle.attrs["recist_uses"] = json.dumps(checkpoint.recist_uses)
                 records = handle.create_group("records")
