@@ -68,7 +68,7 @@ def _run(samples, shape: int, spacing_um: float, days: float, progress: str | No
     start = time.perf_counter()
     result = run_trial(samples, [ARM], Grid((shape,) * 3, spacing_um),
                        duration_h=days * 24.0 - LEAD_IN_H, lead_in_h=LEAD_IN_H, chunk_size=len(samples),
-                       progress_dir=progress, resume=progress is not None)
+                       progress_dir=progress, resume="auto")
     wall_s = time.perf_counter() - start
     if progress is not None:
         # Over every attempt: each chunk's wall time (setup, compile and run) as checkpointed.

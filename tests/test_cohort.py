@@ -427,11 +427,12 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
     with h5py.File(progress / "chunk-1-00-0000.h5", "r") as handle:
         assert handle.attrs["next_stop"] == stops and "state" not in handle
 
-    with pytest.raises(ConfigError, match=r"^trial\.resume: got False;"):
+    with pytest.raises(ConfigError, match=r"^trial\.resume: got 'never'; expected no checkpoints"):
         run(progress_dir=progress)
-    with pytest.raises(ConfigError, match=r"\(these differ: dt_max_h\)"):
-        run_trial(samples, ["nivolumab"], GRID, 6 * WEEK_H, chunk_size=CHUNK, dt_max=1.5,
-                  progress_dir=progress, resume=True)
+    for mode in (True, "auto"):
+        with pytest.raises(ConfigError, match=r"\(these differ: dt_max_h\)"):
+            run_trial(samples, ["nivolumab"], GRID, 6 * WEEK_H, chunk_size=CHUNK, dt_max=1.5,
+                      progress_dir=progress, resume=mode)
     assert len(list(progress.glob("chunk-*.h5"))) == 2  # refused runs touch nothing
 
     resumed = run(progress_dir=progress, resume=True)
@@ -615,9 +616,10 @@ def test_cli_refuses_to_replace_an_earlier_trial(tmp_path, capsys):
 
 
 def test_cli_resumes_an_interrupted_trial(tmp_path, capsys, monkeypatch):
-    """A killed run leaves progress/; the same command refuses to start over it, a
-    resume with other settings is refused without touching the run record, and
-    output.resume=true finishes the trial with the files of an uninterrupted run."""
+    """A killed run leaves progress/; output.resume=never refuses it, other settings
+    are refused (auto) without touching the run record, and the same command again
+    (auto, as a requeued batch job runs it) finishes the trial with the files of an
+    uninterrupted run."""
     out = tmp_path / "out"
     argv = [*TINY_TRIAL, "output.checkpoint_minutes=0", f"hydra.run.dir={out}"]
     monkeypatch.setattr(BatchIntegrator, "advance", _advance_stopping_at(3))
@@ -627,22 +629,25 @@ def test_cli_resumes_an_interrupted_trial(tmp_path, capsys, monkeypatch):
     record = (out / ".hydra" / "overrides.yaml").read_text()
     capsys.readouterr()
 
-    assert main(argv) == 2
+    assert main([*argv, "output.resume=never"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "output.resume: got False" in lines[0] and "progress" in lines[0]
-    assert main([*argv, "output.resume=true", "trial.weeks=3"]) == 2
+    assert len(lines) == 1 and "output.resume: got 'never'" in lines[0] and "output.resume=auto" in lines[0]
+    assert main([*argv, "trial.weeks=3"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "output.resume: got True" in lines[0] and "duration_h" in lines[0]
+    assert len(lines) == 1 and "output.resume: got 'auto'" in lines[0] and "duration_h" in lines[0]
     assert (out / ".hydra" / "overrides.yaml").read_text() == record
+    assert list((out / "progress").glob("chunk-*.h5"))
 
-    assert main([*argv, "output.resume=true"]) == 0
+    assert main(argv) == 0
     assert not (out / "progress").exists()
-    assert "output.resume=true" in (out / ".hydra" / "overrides.yaml").read_text()
     fresh = tmp_path / "fresh"
     assert main([*TINY_TRIAL, f"hydra.run.dir={fresh}"]) == 0
     assert (out / "patients.csv").read_text() == (fresh / "patients.csv").read_text()
     with h5py.File(out / "cohort.h5", "r") as handle:
         assert [chunk["attempts"] for chunk in json.loads(handle.attrs["chunks"])] == [2]
+    # Nothing to continue: "always" says so in one line.
+    assert main([*TINY_TRIAL, "output.resume=always", f"hydra.run.dir={tmp_path / 'none'}"]) == 2
+    assert "there are none in" in capsys.readouterr().err
 
 
 def test_cli_module_exits_non_zero_with_one_line(tmp_path):

@@ -742,7 +742,7 @@ def run_trial(
     merge_reactions: bool = False,
     pad_lesions: bool = False,
     progress_dir: str | os.PathLike | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     restart: bool = False,
     checkpoint_interval_s: float = 1800.0,
     before_compile: Callable[[], Any] | None = None,
@@ -783,12 +783,15 @@ def run_trial(
         progress_dir: folder for checkpoints (:mod:`tmesolve.trial_progress`): every
             finished chunk, and an unfinished chunk's batched state at most every
             ``checkpoint_interval_s`` seconds (at a stop). None: no checkpoints.
-        resume: continue the trial whose checkpoints ``progress_dir`` holds (its
-            settings must equal these); finished chunks are read, not run again, and
-            an unfinished one goes on from its last stop, value for value as if it had
-            not stopped. False with checkpoints there is refused, unless ``restart``.
-        restart: discard the checkpoints in ``progress_dir`` (once every setting is
-            checked) and run the trial from the start; ignored with ``resume``.
+        resume: what to do with checkpoints found in ``progress_dir``: True
+            ("always") continues them (their settings must equal these), "auto"
+            continues them when their settings are these, False ("never") refuses
+            them (:class:`~tmesolve.trial_progress.TrialProgress`). Continuing reads
+            finished chunks without running them again and runs an unfinished one on
+            from its last checkpoint, value for value as if it had not stopped.
+        restart: where ``resume`` would refuse ("never", or "auto" with other
+            settings), discard the checkpoints instead (once every setting is
+            checked) and run the trial from the start.
         checkpoint_interval_s: least wall time between two checkpoints of an
             unfinished chunk (s); 0 writes one at every stop.
         before_compile: called once every setting (the checkpoint folder included) is

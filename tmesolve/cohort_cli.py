@@ -30,12 +30,14 @@ run in the same directory are never replaced unless ``output.overwrite=true``.
 Checkpoints: while it runs, the trial keeps ``progress/`` in the run directory
 (:mod:`tmesolve.trial_progress`): every finished chunk of patient-arms, and an
 unfinished chunk's state at most every ``output.checkpoint_minutes``. A run
-stopped by a batch queue's time limit or a crash continues with the same
-command and ``output.resume=true`` (settings that change the simulated values
-must be the same; a difference is refused, naming them); the resumed trial's
-values are those of an uninterrupted run. ``progress/`` is removed once the
-trial files are written. Without ``output.resume=true`` a run directory with
-checkpoints is refused (``output.overwrite=true`` starts the trial again).
+stopped by a batch queue's time limit or a crash continues when the same
+command runs again (``output.resume=auto``, the default: the settings that
+change the simulated values must be the same, else it is refused, naming
+them; ``always`` insists on continuing, ``never`` refuses checkpoints), so a
+requeued Slurm job picks up where it stopped; the resumed trial's values are
+those of an uninterrupted run. ``output.overwrite=true`` starts again where
+the checkpoints would be refused. ``progress/`` is removed once the trial
+files are written.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class TrialPlan:
     float64: bool
     figures: bool
     overwrite: bool
-    resume: bool
+    resume: str  # tmesolve.trial_progress.RESUME_MODES
     checkpoint_interval_s: float
     progress: bool
     compilation_cache_dir: str | None
@@ -222,16 +224,27 @@ def plan_trial(cfg: DictConfig) -> TrialPlan:
         float64=solver.dtype == "float64",
         figures=bool(output.figures),
         overwrite=bool(output.overwrite),
-        resume=bool(output.resume),
+        resume=_resume_mode(output.resume),
         checkpoint_interval_s=60.0 * check_non_negative("output.checkpoint_minutes", output.checkpoint_minutes),
         progress=bool(output.progress),
         compilation_cache_dir=output.compilation_cache_dir,
     )
 
 
-def _check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to replace an earlier run's trial files unless ``output.overwrite``, and
-    to start over an unfinished trial's checkpoints unless resuming or overwriting."""
+def _resume_mode(value: Any) -> str:
+    """``output.resume`` as one of auto, never, always (true and false mean always and never)."""
+    from tmesolve.trial_progress import RESUME_MODES
+
+    if isinstance(value, bool):
+        return "always" if value else "never"
+    if value not in RESUME_MODES:
+        raise ConfigError("output.resume", value, "auto, never, always, true or false")
+    return value
+
+
+def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier run's trial files unless ``output.overwrite``
+    (what to do with an unfinished trial's checkpoints, run_trial decides)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("hydra.run.dir", str(run_dir), "a directory (this is a file)")
     found = [name for name in TRIAL_FILES if (run_dir / name).exists()]
@@ -245,20 +258,13 @@ def _check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     progress = run_dir / PROGRESS_DIR
     if progress.exists() and not progress.is_dir():
         raise ConfigError("hydra.run.dir", str(run_dir), f"a run directory whose {PROGRESS_DIR} is a folder")
-    if progress.is_dir() and any(progress.glob("chunk-*.h5")) and not (resume or overwrite):
-        raise ConfigError(
-            "output.resume",
-            False,
-            f"true to continue the unfinished trial checkpointed in {progress}",
-            "or output.overwrite=true to start it again, or another hydra.run.dir",
-        )
 
 
 def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Validate ``cfg``, run the trial and write its files into ``run_dir``; returns the summary."""
     run_dir = Path(run_dir)
     plan = plan_trial(cfg)
-    _check_run_dir(run_dir, plan.overwrite, plan.resume)
+    _check_run_dir(run_dir, plan.overwrite)
     # Progress lines go with output.progress; the results are always reported.
     logging.getLogger("tmesolve").setLevel(logging.INFO if plan.progress else logging.WARNING)
     results_log.setLevel(logging.INFO)
@@ -279,15 +285,20 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
         result = cohort.run_trial(
             samples, plan.arms, plan.grid, plan.duration_h, dtype=dtype, **plan.options,
             progress_dir=progress, resume=plan.resume, checkpoint_interval_s=plan.checkpoint_interval_s,
-            # output.overwrite starts again: earlier checkpoints go once every setting is checked.
-            restart=plan.overwrite and not plan.resume,
+            # output.overwrite starts again where resume would refuse the checkpoints
+            # (they go once every setting is checked).
+            restart=plan.overwrite,
             # Once every setting and the checkpoints are checked: a refused run leaves
             # an earlier trial's record as it was.
             before_compile=lambda: configuration.write_hydra_record(run_dir, cfg, overrides),
         )
     except ConfigError as error:
-        if error.key == "trial.resume":  # the checkpoints belong to other settings, or are damaged
-            hint = "or output.overwrite=true to start the trial again" if "differ" in error.expected else ""
+        if error.key == "trial.resume":  # checkpoints refused, of other settings, or damaged
+            hints = {"never": "output.resume=auto continues it, output.overwrite=true starts it again",
+                     "auto": "output.overwrite=true starts the trial again, or choose another hydra.run.dir",
+                     "always": "output.overwrite=true starts the trial again, or choose another hydra.run.dir"}
+            refused = "these differ" in error.expected or error.expected.startswith("no checkpoints")
+            hint = hints.get(error.value, error.hint) if refused else error.hint
             raise ConfigError("output.resume", error.value, error.expected, hint) from None
         raise
     summary = cohort.summarize_trial(result, **plan.cuts)

@@ -329,8 +329,10 @@ class CohortOutputConf:
     figures: bool = True
     #: replace the trial files of an earlier run in the same directory.
     overwrite: bool = False
-    #: continue the unfinished trial whose checkpoints are in the run directory's progress/.
-    resume: bool = False
+    #: checkpoints of an unfinished trial in the run directory's progress/: "auto"
+    #: continues them if made with the same settings, "always" (true) continues them,
+    #: "never" (false) refuses them (output.overwrite=true then starts again).
+    resume: Any = "auto"
     #: least wall time between two checkpoints of an unfinished chunk (minutes; 0: every stop).
     checkpoint_minutes: float = 30.0
     progress: bool = True

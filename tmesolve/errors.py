@@ -20,6 +20,7 @@ class ConfigError(ValueError):
         self.key = key
         self.value = value
         self.expected = expected
+        self.hint = hint
         message = f"{key}: got {value!r}; expected {expected}"
         if hint:
             message += f" ({hint})"

@@ -39,6 +39,8 @@ from tmesolve.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: What to do with checkpoints found (see :class:`TrialProgress`).
+RESUME_MODES = ("auto", "never", "always")
 #: Version of the files' layout; a folder of another version is refused.
 FORMAT = 1
 FINGERPRINT_FILE = "trial.json"
@@ -134,16 +136,25 @@ class TrialProgress:
     """The checkpoint folder of one trial (see the module docstring)."""
 
     def __init__(self, directory: str | os.PathLike, fingerprint: Mapping[str, Any], *,
-                 resume: bool, restart: bool = False, key: str = "resume") -> None:
+                 resume: bool | str, restart: bool = False, key: str = "resume") -> None:
         """Open ``directory`` for a trial with ``fingerprint``.
 
-        Checkpoints are the chunk files (a ``trial.json`` alone records no work). A
-        folder with checkpoints is used only with ``resume`` (else a
-        :class:`ConfigError` names ``key``), and only when its fingerprint equals
-        this trial's (else a ConfigError lists the settings that differ);
-        ``restart`` (and not ``resume``) discards them instead. Nothing is written
-        or removed before these checks pass.
+        Checkpoints are the chunk files (a ``trial.json`` alone records no work).
+        ``resume`` says what to do with them (:data:`RESUME_MODES`; True is
+        "always", False "never"):
+
+        * "always": continue them; refused when there are none, or when their
+          settings differ from this trial's (the error lists the settings);
+        * "auto": continue them when their settings are this trial's; when they
+          differ, start again if ``restart``, else refuse;
+        * "never": start again if ``restart``, else refuse.
+
+        Errors are :class:`ConfigError` naming ``key``. Nothing is written or
+        removed before these checks pass.
         """
+        mode = ("always" if resume else "never") if isinstance(resume, bool) else resume
+        if mode not in RESUME_MODES:
+            raise ConfigError(key, resume, f"one of {', '.join(RESUME_MODES)}, True or False")
         self.directory = Path(directory)
         # As it reads back from trial.json (tuples as lists), so the two compare equal.
         self.fingerprint = json.loads(json.dumps({**fingerprint, "format": FORMAT}, default=_numpy_to_json))
@@ -151,27 +162,30 @@ class TrialProgress:
             raise ConfigError("progress_dir", str(self.directory), "a folder for the trial's checkpoints, not a file")
         stored_path = self.directory / FINGERPRINT_FILE
         chunk_files = sorted(self.directory.glob("chunk-*.h5")) if self.directory.is_dir() else []
-        if chunk_files and restart and not resume:
+        differ: list[str] = []
+        if chunk_files and stored_path.exists():
+            stored = json.loads(stored_path.read_text())
+            differ = sorted(name for name in set(stored) | set(self.fingerprint)
+                            if stored.get(name) != self.fingerprint.get(name))
+        elif chunk_files:
+            differ = [FINGERPRINT_FILE]
+        if not chunk_files:
+            if mode == "always":
+                raise ConfigError(key, mode, "checkpoints to continue", f"there are none in {self.directory}")
+        elif (mode == "never" or (mode == "auto" and differ)) and restart:
             for path in chunk_files:
                 path.unlink()
             log.info("restart: removed %d chunk checkpoints of an earlier trial from %s", len(chunk_files),
                      self.directory)
             chunk_files = []
-        if chunk_files:
-            if not resume:
-                raise ConfigError(key, False, f"True to continue the unfinished trial in {self.directory} "
-                                              f"({len(chunk_files)} chunk files)", "or start it again elsewhere")
-            if not stored_path.exists():
-                raise ConfigError(key, True, f"a checkpoint folder with its {FINGERPRINT_FILE}; "
-                                             f"{self.directory} has chunk files but none")
-            stored = json.loads(stored_path.read_text())
-            differ = sorted(name for name in set(stored) | set(self.fingerprint)
-                            if stored.get(name) != self.fingerprint.get(name))
-            if differ:
-                raise ConfigError(key, True, f"the settings of the unfinished trial in {self.directory} "
-                                             f"(these differ: {', '.join(differ)})",
-                                  "or start the trial again to change them")
-        self.chunks = [self._read(path, key) for path in chunk_files]
+        elif mode == "never":
+            raise ConfigError(key, mode, f"no checkpoints in {self.directory} ({len(chunk_files)} chunk files "
+                                         "of an unfinished trial)", "continue it, or start it again elsewhere")
+        elif differ:
+            raise ConfigError(key, mode, f"the settings of the unfinished trial in {self.directory} "
+                                         f"(these differ: {', '.join(differ)})",
+                              "or start the trial again to change them")
+        self.chunks = [self._read(path, key, mode) for path in chunk_files]
         self.directory.mkdir(parents=True, exist_ok=True)
         # Rewritten while no chunk is recorded: a run that stopped before its first
         # checkpoint left nothing the new settings could contradict.
@@ -188,7 +202,7 @@ class TrialProgress:
         arm, patient = members[0]
         return f"chunk-{lesion_count}-{arm:02d}-{patient:04d}.h5"
 
-    def _read(self, path: Path, key: str) -> ChunkCheckpoint:
+    def _read(self, path: Path, key: str, mode: str) -> ChunkCheckpoint:
         import h5py
 
         try:
@@ -206,7 +220,7 @@ class TrialProgress:
                     recist_uses=json.loads(attrs["recist_uses"]), state_leaves=leaves,
                     attempts=int(attrs["attempts"]), path=path)
         except (OSError, KeyError, ValueError) as error:  # a damaged file (a node lost power mid-write)
-            raise ConfigError(key, True, f"readable checkpoints; {path} is not ({type(error).__name__})",
+            raise ConfigError(key, mode, f"readable checkpoints; {path} is not ({type(error).__name__})",
                               "remove it and its chunk runs again") from None
 
     def due(self, lesion_count: int, members: Sequence[tuple[int, int]], interval_s: float) -> bool:
