@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tmesolve import cohort as cohort_module
 from tmesolve.cohort import (
     COHORT_PRESETS,
     CohortSpec,
@@ -397,7 +399,7 @@ def _advance_stopping_at(call: int):
     return stopping
 
 
-def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrators, monkeypatch):
+def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrators, monkeypatch, caplog):
     """Checkpoints (tmesolve.trial_progress): a trial stopped in its second chunk and
     resumed gives, value for value, the records and outcomes of an uninterrupted run;
     the finished chunk is read back, not run again; other settings are refused."""
@@ -435,7 +437,12 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
                       progress_dir=progress, resume=mode)
     assert len(list(progress.glob("chunk-*.h5"))) == 2  # refused runs touch nothing
 
-    resumed = run(progress_dir=progress, resume=True)
+    monkeypatch.setattr(cohort_module, "PROGRESS_LOG_INTERVAL_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="tmesolve.cohort"):
+        resumed = run(progress_dir=progress, resume=True)
+    monkeypatch.undo()
+    # A progress line at every stop here (every 5 minutes by default).
+    assert "resumed at t = " in caplog.text and "min to go at this pace" in caplog.text
     assert [(c["run_now"], c["attempts"]) for c in resumed.chunks] == [(False, 1), (True, 2)]
     assert all(c["cpu_seconds"] > 0 and c["seconds"] > 0 for c in resumed.chunks)
     for p in range(len(samples)):

@@ -119,6 +119,8 @@ PDL1_HIGH = 0.5  # tumour PD-L1 ≥ 0.5: the analogue of TPS ≥ 50 % (KEYNOTE-0
 #: (Brahmer 2018, ASCO guideline); the model itself starts steroids at params.hold_grade (3).
 IRAE_POSITIVE_GRADE = 2
 
+#: Least wall time between two progress lines of a running chunk (s).
+PROGRESS_LOG_INTERVAL_S = 300.0
 #: Memory model for the automatic chunk size: bytes per patient-arm ≈ factor ×
 #: the patient's state. XLA's memory analysis of the batched TME loop reported
 #: temporaries of 6.2× (16³ voxels, 2 lesions) to 8.2× (6³, 1 lesion) the field
@@ -1066,6 +1068,8 @@ def run_trial(
                     state_leaves=None if state is None else [np.asarray(leaf)
                                                              for leaf in jax.tree_util.tree_leaves(state)])
 
+            attempt_started, attempt_from_h = time.perf_counter(), float(stops[next_stop - 1]) if next_stop else 0.0
+            last_report = attempt_started
             for index in range(next_stop, len(stops)):
                 stop = stops[index]
                 state, readouts, diagnostics = integrator.advance(state, params, solver, float(stop))
@@ -1083,6 +1087,16 @@ def run_trial(
                 if (progress is not None and index + 1 < len(stops)
                         and progress.due(lesion_count, chunk, checkpoint_interval_s)):
                     progress.save(checkpoint(index + 1, steps, collected, state))
+                    log.info("%d-lesion group: checkpoint at t = %.0f h in %s", lesion_count, stop, progress_dir)
+                now = time.perf_counter()
+                if now - last_report >= PROGRESS_LOG_INTERVAL_S and index + 1 < len(stops):
+                    last_report = now
+                    # The pace of this attempt so far, in simulated hours per second.
+                    pace = (stop - attempt_from_h) / max(now - attempt_started, 1e-9)
+                    log.info("%d-lesion group: chunk of %d patient-arms at week %.1f of %.1f (%d steps, "
+                             "%.0f min); about %.0f min to go at this pace", lesion_count, len(chunk),
+                             stop / _WEEK_H, end_h / _WEEK_H, steps,
+                             (seconds_before + now - chunk_started) / 60.0, (end_h - stop) / pace / 60.0)
             seconds = seconds_before + time.perf_counter() - chunk_started
             cpu_seconds = cpu_before + time.process_time() - cpu_started
             if progress is not None:
