@@ -632,6 +632,7 @@ def test_cli_resumes_an_interrupted_trial(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(BatchIntegrator, "advance", _advance_stopping_at(3))
     assert main(argv) == 130
     monkeypatch.undo()
+    assert "the same command continues from the checkpoints" in (out / "tmesolve-cohort.log").read_text()
     assert (out / "progress" / "trial.json").exists() and not (out / "cohort.h5").exists()
     record = (out / ".hydra" / "overrides.yaml").read_text()
     capsys.readouterr()

@@ -292,6 +292,10 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
             # an earlier trial's record as it was.
             before_compile=lambda: configuration.write_hydra_record(run_dir, cfg, overrides),
         )
+    except KeyboardInterrupt:
+        if any(progress.glob("chunk-*.h5")):
+            log.warning("interrupted: the same command continues from the checkpoints in %s", progress)
+        raise
     except ConfigError as error:
         if error.key == "trial.resume":  # checkpoints refused, of other settings, or damaged
             hints = {"never": "output.resume=auto continues it, output.overwrite=true starts it again",
