@@ -31,12 +31,13 @@ Checkpoints: while it runs, the trial keeps ``progress/`` in the run directory
 (:mod:`tmesolve.trial_progress`): every finished chunk of patient-arms, and an
 unfinished chunk's state at most every ``output.checkpoint_minutes``. A run
 stopped by a batch queue's time limit or a crash continues when the same
-command runs again (``output.resume=auto``, the default: the settings that
+command runs again in the same run directory (``hydra.run.dir``;
+``output.resume=auto``, the default: the settings that
 change the simulated values must be the same, else it is refused, naming
 them; ``always`` insists on continuing, ``never`` refuses checkpoints), so a
 requeued Slurm job picks up where it stopped; the resumed trial's values are
 those of an uninterrupted run. ``output.overwrite=true`` starts again where
-the checkpoints would be refused. ``progress/`` is removed once the trial
+``auto`` or ``never`` would refuse the checkpoints. ``progress/`` is removed once the trial
 files are written.
 """
 
@@ -300,7 +301,7 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
         if error.key == "trial.resume":  # checkpoints refused, of other settings, or damaged
             hints = {"never": "output.resume=auto continues it, output.overwrite=true starts it again",
                      "auto": "output.overwrite=true starts the trial again, or choose another hydra.run.dir",
-                     "always": "output.overwrite=true starts the trial again, or choose another hydra.run.dir"}
+                     "always": "output.resume=never output.overwrite=true starts the trial again"}
             refused = "these differ" in error.expected or error.expected.startswith("no checkpoints")
             hint = hints.get(error.value, error.hint) if refused else error.hint
             raise ConfigError("output.resume", error.value, error.expected, hint) from None
