@@ -1,9 +1,10 @@
 """Run the benchmark suite and write one JSON file.
 
-    python -m benchmarks            # bandwidth, DD3 (N = 64, 128), TME (1×32³, 1×64³, 3×32³)
+    python -m benchmarks            # bandwidth, DD3 (N = 64, 128), PDE50, TME (1×32³, 1×64³, 3×32³)
     python -m benchmarks --quick    # tiny sizes: a smoke run of every code path
     python -m benchmarks --full     # adds DD3 N = 256 and TME 1×128³, 3×64³
     python -m benchmarks --only dd3 --only bandwidth --out benchmarks/results/mine.json
+    python -m benchmarks --only tme --tme-cases 128x1,256x1,32x64   # chosen TME cases (N x lesions)
 
 The default output is ``benchmarks/results/<backend>-<hostname>.json``
 (``-quick`` appended for ``--quick``). The default suite takes about 6–8
@@ -18,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("bandwidth", "dd3", "tme")
+SECTIONS = ("bandwidth", "dd3", "pde50", "tme")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -30,6 +31,17 @@ def _sections(only: list[str] | None) -> tuple[str, ...]:
     if unknown:
         raise SystemExit(f"--only: got {sorted(unknown)}; expected some of {', '.join(SECTIONS)}")
     return tuple(name for name in SECTIONS if name in chosen)
+
+
+def _tme_cases(text: str) -> tuple[tuple[int, int], ...]:
+    """"128x1,32x3" -> ((128, 1), (32, 3)); argparse turns the ValueError into one line."""
+    cases = []
+    for item in text.split(","):
+        size, _, lesions = item.strip().lower().partition("x")
+        if not (size.isdigit() and lesions.isdigit() and int(size) >= 4 and int(lesions) >= 1):
+            raise argparse.ArgumentTypeError(f"got {item!r}; expected N x lesions such as 128x1 (N >= 4)")
+        cases.append((int(size), int(lesions)))
+    return tuple(cases)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +63,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out", type=Path, help="JSON file to write (default: benchmarks/results/...)"
+    )
+    parser.add_argument(
+        "--tme-cases",
+        type=_tme_cases,
+        metavar="NxL,...",
+        help="TME cases as voxels-per-side x lesions, e.g. 128x1,256x1 (replaces the mode's cases)",
     )
     parser.add_argument(
         "--no-persistent-cache",
@@ -79,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-    from benchmarks import bandwidth, dd3, rounded, tme_step, write_json
+    from benchmarks import bandwidth, dd3, pde50, rounded, tme_step, write_json
     from benchmarks.machine import hostname, load_average, machine_info
 
     mode = "quick" if arguments.quick else "full" if arguments.full else "default"
@@ -110,6 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
             options = {"sizes": (64, 128), "repeats": 2}
         report["dd3"] = dd3.measure_dd3(bandwidth=bandwidth_result, **options)
         seconds["dd3"] = time.perf_counter() - start
+    if "pde50" in sections:
+        start = time.perf_counter()
+        options = {"size": 8, "repeats": 1} if arguments.quick else {"repeats": 3}
+        report["pde50"] = pde50.measure_pde50(**options)
+        seconds["pde50"] = time.perf_counter() - start
     if "tme" in sections:
         start = time.perf_counter()
         if arguments.quick:
@@ -124,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
             options = {"cases": ((32, 1), (64, 1), (128, 1), (32, 3), (64, 3)), "repeats": 2}
         else:
             options = {"cases": ((32, 1), (64, 1), (32, 3))}
+        if arguments.tme_cases:
+            options["cases"] = arguments.tme_cases
         report["tme"] = tme_step.measure_tme(
             bandwidth=bandwidth_result, persistent_cache=measure_cache, **options
         )
@@ -149,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"load average at start {machine['load_average_at_start']}, "
         f"at end {report['load_average_at_end']}",
     ]
-    for name, module in (("bandwidth", bandwidth), ("dd3", dd3), ("tme", tme_step)):
+    for name, module in (("bandwidth", bandwidth), ("dd3", dd3), ("pde50", pde50), ("tme", tme_step)):
         if name in report:
             lines += [""] + module.table(report[name])
     lines += [

@@ -37,9 +37,9 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_quick_bandwidth_and_dd3(tmp_path):
-    report = run_quick(tmp_path, "bandwidth,dd3")
-    assert report["mode"] == "quick" and report["sections"] == ["bandwidth", "dd3"]
+def test_quick_bandwidth_dd3_and_pde50(tmp_path):
+    report = run_quick(tmp_path, "bandwidth,dd3,pde50")
+    assert report["mode"] == "quick" and report["sections"] == ["bandwidth", "dd3", "pde50"]
     assert MACHINE_KEYS <= set(report["machine"])
     assert {"jax", "numpy", "python"} <= set(report["machine"]["versions"])
 
@@ -63,6 +63,16 @@ def test_quick_bandwidth_and_dd3(tmp_path):
     accuracy = dd3["time_to_accuracy"]
     for solver in ("spectral", "explicit", "numpy_reference"):
         assert isinstance(accuracy[solver]["reached"], bool)
+
+    pde = report["pde50"]
+    assert (pde["problem"]["size"], pde["problem"]["species"]) == (8, 10)
+    for path in ("spectral_source", "spectral", "explicit"):
+        figures = pde["paths"][path]
+        assert positive(figures["time_per_step_s"]) and figures["finite"], path
+        assert figures["min_over_max"] > -1e-5, path  # positive up to float32 round-off
+    # The three paths solve the same semi-discrete problem: explicit and spectral agree.
+    assert pde["agreement_relative_l2"] < 1e-4
+    assert pde["paths"]["explicit"]["substeps_per_step"] == 15
 
 
 @pytest.mark.slow
