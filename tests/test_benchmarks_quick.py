@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,30 @@ def test_cohort_batch_benchmark_smoke(tmp_path):
     assert report["singles"][0]["best_percent_change"][0] == pytest.approx(
         report["batched"]["best_percent_change"][0], rel=1e-3, abs=1e-3)
     assert positive(report["speedup"]) and positive(report["one_at_a_time_estimate_s"])
+
+
+@pytest.mark.slow
+def test_largest_lesion_probe_runs_a_small_lesion(tmp_path):
+    """The probe tries sizes largest first in fresh processes and stops at the first that runs."""
+    out = tmp_path / "largest.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.largest_lesion", "--sizes", "8", "--out", str(out)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["largest_N"] == 8 and report["tries"][0]["finite"]
+    assert positive(report["tries"][0]["time_per_step_s"]) and positive(report["tries"][0]["peak_bytes"])
+
+
+@pytest.mark.slow
+def test_device_script_runs_a_part_and_reports_failures(tmp_path):
+    """benchmarks/device_run.sh (the prepared GPU script) on this machine: one part runs and
+    writes its JSON; an unknown part makes the exit status non-zero."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "device")}
+    completed = subprocess.run(["bash", "benchmarks/device_run.sh"], cwd=REPOSITORY, capture_output=True,
+                               text=True, timeout=300, env={**env, "PARTS": "pde50 nonsense"})
+    assert completed.returncode == 1
+    log = (tmp_path / "device" / "log.txt").read_text()
+    assert "=== pde50: exit 0" in log and "unknown part: nonsense" in log
+    report = json.loads((tmp_path / "device" / "pde50.json").read_text())
+    assert positive(report["pde50"]["paths"]["spectral_source"]["time_per_step_s"])
