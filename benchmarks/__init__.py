@@ -61,7 +61,8 @@ def best_time_s(
     """
     best = float("inf")
     for _ in range(max(1, repeats)):
-        arguments = setup() if setup is not None else ()
+        # Wait for the arguments too: a copy still running would be timed with the call.
+        arguments = block(setup()) if setup is not None else ()
         start = time.perf_counter()
         block(run(*arguments))
         best = min(best, time.perf_counter() - start)
