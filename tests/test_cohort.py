@@ -429,20 +429,30 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
     with h5py.File(progress / "chunk-1-00-0000.h5", "r") as handle:
         assert handle.attrs["next_stop"] == stops and "state" not in handle
 
-    with pytest.raises(ConfigError, match=r"^trial\.resume: got 'never'; expected no checkpoints"):
+    record = (progress / "trial.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"^trial\.resume: got 'never'; expected no checkpoints .* made with "
+                                          r"the same settings\)"):
         run(progress_dir=progress)
-    for mode in (True, "auto"):
+    other = functools.partial(run_trial, samples, ["nivolumab"], GRID, 6 * WEEK_H, chunk_size=CHUNK, dt_max=1.5,
+                              progress_dir=progress)
+    for mode in (True, "auto", False):
         with pytest.raises(ConfigError, match=r"\(these differ: dt_max_h\)"):
-            run_trial(samples, ["nivolumab"], GRID, 6 * WEEK_H, chunk_size=CHUNK, dt_max=1.5,
-                      progress_dir=progress, resume=mode)
-    assert len(list(progress.glob("chunk-*.h5"))) == 2  # refused runs touch nothing
+            other(resume=mode)
+    with pytest.raises(ConfigError, match=r"\(these differ: dt_max_h\)"):
+        other(resume=True, restart=True)  # "always" never discards checkpoints
+    (progress / "trial.json").rename(progress / "trial.json.aside")
+    with pytest.raises(ConfigError, match=r"\(these differ: trial\.json \(missing\)\)"):
+        run(progress_dir=progress, resume="auto")
+    (progress / "trial.json.aside").rename(progress / "trial.json")
+    # Refused runs touch nothing.
+    assert len(list(progress.glob("chunk-*.h5"))) == 2 and (progress / "trial.json").read_bytes() == record
 
     monkeypatch.setattr(cohort_module, "PROGRESS_LOG_INTERVAL_S", 0.0)
     with caplog.at_level(logging.INFO, logger="tmesolve.cohort"):
         resumed = run(progress_dir=progress, resume=True)
     monkeypatch.undo()
     # A progress line at every stop here (every 5 minutes by default).
-    assert "resumed at t = " in caplog.text and "min to go at this pace" in caplog.text
+    assert "resumed at t = " in caplog.text and "min to go for this chunk at this pace" in caplog.text
     assert [(c["run_now"], c["attempts"]) for c in resumed.chunks] == [(False, 1), (True, 2)]
     assert all(c["cpu_seconds"] > 0 and c["seconds"] > 0 for c in resumed.chunks)
     for p in range(len(samples)):
@@ -461,6 +471,7 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
         run(progress_dir=progress, resume=True)
     fresh = run(progress_dir=progress, restart=True)
     assert all(c["run_now"] and c["attempts"] == 1 for c in fresh.chunks)
+    assert fresh.outcomes == reference.outcomes
 
 
 def test_trial_reports_the_management_rule_and_the_worst_grade(shared_integrators):

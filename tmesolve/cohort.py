@@ -1068,8 +1068,9 @@ def run_trial(
                     state_leaves=None if state is None else [np.asarray(leaf)
                                                              for leaf in jax.tree_util.tree_leaves(state)])
 
-            attempt_started, attempt_from_h = time.perf_counter(), float(stops[next_stop - 1]) if next_stop else 0.0
-            last_report = attempt_started
+            # (wall time, simulated time) after this attempt's first stop: the pace leaves the compile out.
+            clock: tuple[float, float] | None = None
+            last_report = 0.0
             for index in range(next_stop, len(stops)):
                 stop = stops[index]
                 state, readouts, diagnostics = integrator.advance(state, params, solver, float(stop))
@@ -1089,12 +1090,14 @@ def run_trial(
                     progress.save(checkpoint(index + 1, steps, collected, state))
                     log.info("%d-lesion group: checkpoint at t = %.0f h in %s", lesion_count, stop, progress_dir)
                 now = time.perf_counter()
-                if now - last_report >= PROGRESS_LOG_INTERVAL_S and index + 1 < len(stops):
+                if clock is None:
+                    clock, last_report = (now, float(stop)), now
+                elif now - last_report >= PROGRESS_LOG_INTERVAL_S and index + 1 < len(stops):
                     last_report = now
-                    # The pace of this attempt so far, in simulated hours per second.
-                    pace = (stop - attempt_from_h) / max(now - attempt_started, 1e-9)
+                    # The pace of this attempt since its first stop, in simulated hours per second.
+                    pace = (stop - clock[1]) / max(now - clock[0], 1e-9)
                     log.info("%d-lesion group: chunk of %d patient-arms at week %.1f of %.1f (%d steps, "
-                             "%.0f min); about %.0f min to go at this pace", lesion_count, len(chunk),
+                             "%.0f min); about %.0f min to go for this chunk at this pace", lesion_count, len(chunk),
                              stop / _WEEK_H, end_h / _WEEK_H, steps,
                              (seconds_before + now - chunk_started) / 60.0, (end_h - stop) / pace / 60.0)
             seconds = seconds_before + time.perf_counter() - chunk_started

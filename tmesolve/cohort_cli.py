@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -299,11 +300,14 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
         raise
     except ConfigError as error:
         if error.key == "trial.resume":  # checkpoints refused, of other settings, or damaged
-            hints = {"never": "output.resume=auto continues it, output.overwrite=true starts it again",
-                     "auto": "output.overwrite=true starts the trial again, or choose another hydra.run.dir",
-                     "always": "output.resume=never output.overwrite=true starts the trial again"}
-            refused = "these differ" in error.expected or error.expected.startswith("no checkpoints")
-            hint = hints.get(error.value, error.hint) if refused else error.hint
+            if "these differ" in error.expected:  # checkpoints of other settings: only starting again helps
+                hint = ("output.resume=never output.overwrite=true starts the trial again"
+                        if error.value == "always" else
+                        "output.overwrite=true starts the trial again, or choose another hydra.run.dir")
+            elif error.expected.startswith("no checkpoints"):  # never, with checkpoints of these settings
+                hint = "output.resume=auto continues it, output.overwrite=true starts it again"
+            else:  # a damaged file, or always with nothing to continue: the error's own advice
+                hint = error.hint
             raise ConfigError("output.resume", error.value, error.expected, hint) from None
         raise
     summary = cohort.summarize_trial(result, **plan.cuts)
@@ -314,7 +318,9 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
     if resumed or any(chunk["attempts"] > 1 for chunk in result.chunks):
         results_log.info("resumed from %s: %d patient-arms read, %.0f s of compute over every attempt",
                          progress, resumed, sum(chunk["seconds"] for chunk in result.chunks))
-    # The trial files hold everything the checkpoints did.
+    # The trial files hold everything the checkpoints did; on disk first, then the checkpoints go.
+    if hasattr(os, "sync"):
+        os.sync()
     shutil.rmtree(progress, ignore_errors=True)
     for arm in result.arms:
         orr = summary["per_arm"][arm]["orr"]

@@ -162,35 +162,44 @@ class TrialProgress:
             raise ConfigError("progress_dir", str(self.directory), "a folder for the trial's checkpoints, not a file")
         stored_path = self.directory / FINGERPRINT_FILE
         chunk_files = sorted(self.directory.glob("chunk-*.h5")) if self.directory.is_dir() else []
-        differ: list[str] = []
-        if chunk_files and stored_path.exists():
-            stored = json.loads(stored_path.read_text())
-            differ = sorted(name for name in set(stored) | set(self.fingerprint)
-                            if stored.get(name) != self.fingerprint.get(name))
-        elif chunk_files:
-            differ = [FINGERPRINT_FILE]
+        differ = self._settings_that_differ(stored_path) if chunk_files else []
         if not chunk_files:
             if mode == "always":
                 raise ConfigError(key, mode, "checkpoints to continue", f"there are none in {self.directory}")
         elif (mode == "never" or (mode == "auto" and differ)) and restart:
             for path in chunk_files:
                 path.unlink()
-            log.info("restart: removed %d chunk checkpoints of an earlier trial from %s", len(chunk_files),
-                     self.directory)
+            log.warning("restart: removed %d chunk checkpoints of an earlier trial from %s", len(chunk_files),
+                        self.directory)
             chunk_files = []
         elif mode == "never":
+            made_with = f"other settings (these differ: {', '.join(differ)})" if differ else "the same settings"
             raise ConfigError(key, mode, f"no checkpoints in {self.directory} ({len(chunk_files)} chunk files "
-                                         "of an unfinished trial)", "continue it, or start it again elsewhere")
+                                         f"of an unfinished trial made with {made_with})",
+                              "continue it, or start it again elsewhere")
         elif differ:
             raise ConfigError(key, mode, f"the settings of the unfinished trial in {self.directory} "
                                          f"(these differ: {', '.join(differ)})",
                               "or start the trial again to change them")
         self.chunks = [self._read(path, key, mode) for path in chunk_files]
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Rewritten while no chunk is recorded: a run that stopped before its first
-        # checkpoint left nothing the new settings could contradict.
+        # Written again: the same text where checkpoints with these settings were kept,
+        # these settings where none are (nothing computed can contradict them).
         _write_atomically(stored_path, lambda path: path.write_text(json.dumps(self.fingerprint, indent=1)))
         self._last_saved: dict[str, float] = {}
+
+    def _settings_that_differ(self, stored_path: Path) -> list[str]:
+        """Names of the fingerprint entries that differ from ``stored_path``'s (sorted)."""
+        if not stored_path.exists():
+            return [f"{FINGERPRINT_FILE} (missing)"]
+        try:
+            stored = json.loads(stored_path.read_text())
+        except (OSError, ValueError):
+            return [f"{FINGERPRINT_FILE} (unreadable)"]
+        if not isinstance(stored, dict):
+            return [f"{FINGERPRINT_FILE} (not a settings record)"]
+        return sorted(name for name in set(stored) | set(self.fingerprint)
+                      if stored.get(name) != self.fingerprint.get(name))
 
     def saved_chunk_size(self, lesion_count: int) -> int | None:
         """The batch size of the group's saved chunks (None: none saved), for its other chunks."""
