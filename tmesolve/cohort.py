@@ -978,10 +978,7 @@ def run_trial(
             covered.update(chunk_members)
             if saved.finished(len(stops)):
                 score_chunk(list(chunk_members), saved.collected(), saved.recist_uses)
-                chunk_log.append({"lesion_count": lesion_count, "patient_arms": len(chunk_members),
-                                  "size": saved.size, "steps": saved.steps, "seconds": saved.seconds,
-                                  "cpu_seconds": saved.cpu_seconds,
-                                  "attempts": saved.attempts, "run_now": False})
+                chunk_log.append(saved.summary(run_now=False))
             else:
                 pending.append((list(chunk_members), saved.size, saved))
         remaining = [member for member in members if member not in covered]
@@ -1100,14 +1097,11 @@ def run_trial(
                              "%.0f min); about %.0f min to go for this chunk at this pace", lesion_count, len(chunk),
                              stop / _WEEK_H, end_h / _WEEK_H, steps,
                              (seconds_before + now - chunk_started) / 60.0, (end_h - stop) / pace / 60.0)
-            seconds = seconds_before + time.perf_counter() - chunk_started
-            cpu_seconds = cpu_before + time.process_time() - cpu_started
+            finished = checkpoint(len(stops), steps, collected)
             if progress is not None:
-                progress.save(checkpoint(len(stops), steps, collected))
+                progress.save(finished)
             score_chunk(chunk, collected, recist_uses)
-            chunk_log.append({"lesion_count": lesion_count, "patient_arms": len(chunk), "size": batch,
-                              "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                              "attempts": attempts, "run_now": True})
+            chunk_log.append(finished.summary(run_now=True))
             done += len(chunk)
             log.info(
                 "%d-lesion group: %d/%d patient-arms done (%d steps, %.1f s)",
@@ -1115,7 +1109,7 @@ def run_trial(
                 done,
                 len(members),
                 steps,
-                seconds,
+                finished.seconds,
             )
         trace_counts[lesion_count] = integrator.trace_count - traced_before
 

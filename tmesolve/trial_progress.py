@@ -108,6 +108,12 @@ class ChunkCheckpoint:
         self.attempts = int(attempts)
         self.path = path
 
+    def summary(self, run_now: bool) -> dict[str, Any]:
+        """The chunk's entry of :attr:`tmesolve.cohort.TrialResult.chunks`."""
+        return {"lesion_count": self.lesion_count, "patient_arms": len(self.members), "size": self.size,
+                "steps": self.steps, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                "attempts": self.attempts, "run_now": run_now}
+
     def finished(self, stops: int) -> bool:
         return self.next_stop >= stops
 
