@@ -11,16 +11,24 @@ Errors: a bad setting, a Hydra composition error or a failed run prints ONE
 line on stderr (``<key>: got <value>; expected <what>``) and exits non-zero
 (2 for configuration errors, 1 for a failed run); ``TMESOLVE_DEBUG=1``,
 ``HYDRA_FULL_ERROR=1`` or ``hydra.verbose=true`` show the traceback instead.
+
+Stops from outside: Ctrl-C exits 130 and SIGTERM (a batch queue's time limit,
+``scancel``) 143, both once the Python operation in progress (an HDF5 write,
+an output interval's compiled loop) returns; the run file closes with status
+``running`` and the run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +47,48 @@ log = logging.getLogger("tmesolve")
 #: Set by :func:`run_hydra_app` for the task: show tracebacks instead of one line.
 _debug = False
 
-#: Exit codes: a configuration error, a run that failed, an interrupt.
+#: Exit codes: a configuration error, a run that failed, an interrupt (Ctrl-C),
+#: a SIGTERM (128 + the signal's number, as a shell reports it).
 EXIT_CONFIG_ERROR = 2
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: a batch queue's time limit (Slurm sends it, then SIGKILL
+    after its KillWait), ``scancel`` or a shutdown.
+
+    Raised by the handler :func:`run_hydra_app` installs, so a run stops as it
+    does on Ctrl-C: after the Python operation in progress (Python runs signal
+    handlers between operations, so an HDF5 write is never cut in half), with
+    ``run.h5`` closed at status ``running`` and the checkpoints kept.
+    """
+
+
+@contextlib.contextmanager
+def _sigterm_raises_terminated() -> Iterator[None]:
+    """While inside: SIGTERM raises :class:`Terminated` in the main thread.
+
+    Only where SIGTERM still has its default action (which kills the process
+    at once): a host that set its own handler (a batch launcher such as
+    submitit, which stops jobs with SIGUSR2 and lets SIGTERM pass) keeps it.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        # One stop is enough; a second SIGTERM must not cut the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Abort(BaseException):
@@ -238,17 +284,25 @@ def execute(
         log.info("persistent compilation cache: %s", cache)
     attrs = simulation.provenance(configuration.to_yaml(cfg), overrides, run_config.seed)
     output = run_config.output
-    summary = simulation.run_simulation(
-        sim,
-        run_dir,
-        attrs=attrs,
-        resume=resuming,
-        progress=output.progress,
-        snapshot_every=output.snapshot_every,
-        log=logging.getLogger("tmesolve.simulation"),
-        log_interval_s=output.log_interval_s,
-        stop_after_snapshots=output.stop_after_snapshots,
-    )
+    try:
+        summary = simulation.run_simulation(
+            sim,
+            run_dir,
+            attrs=attrs,
+            resume=resuming,
+            progress=output.progress,
+            snapshot_every=output.snapshot_every,
+            log=logging.getLogger("tmesolve.simulation"),
+            log_interval_s=output.log_interval_s,
+            stop_after_snapshots=output.stop_after_snapshots,
+        )
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Ctrl-C, SIGTERM, or a batch launcher stopping the job (submitit exits on
+        # SIGUSR2 before a time limit or a preemption, then requeues the job, which
+        # continues here with resume=auto). run.h5 says running.
+        if (run_dir / "run.h5").is_file():
+            log.warning("stopped (%s): resume with: tmesolve resume=%s", type(stop).__name__, run_dir)
+        raise
     figures: list[Path] = []
     if summary.get("status") == "complete" and output.plots:
         from tmesolve.plots import plot_run
@@ -322,7 +376,8 @@ def run_hydra_app(task: Any, argv: Sequence[str], *, prog: str, prefix: str = ""
     os.environ["HYDRA_FULL_ERROR"] = "1"
     GlobalHydra.instance().clear()
     try:
-        task()
+        with _sigterm_raises_terminated():
+            task()
         return 0
     except _Abort as abort:
         print(prefix + abort.message, file=sys.stderr)
@@ -330,6 +385,11 @@ def run_hydra_app(task: Any, argv: Sequence[str], *, prog: str, prefix: str = ""
     except SystemExit as exit_:  # --help, --info, ... exit through Hydra
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except Terminated:
+        if debug:
+            raise
+        print(f"{prog}: terminated (SIGTERM); the run's checkpoints are kept and it resumes", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         if debug:
             raise

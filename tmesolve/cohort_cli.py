@@ -294,9 +294,10 @@ def execute(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
             # an earlier trial's record as it was.
             before_compile=lambda: configuration.write_hydra_record(run_dir, cfg, overrides),
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, SIGTERM, a launcher's requeue
         if any(progress.glob("chunk-*.h5")):
-            log.warning("interrupted: the same command continues from the checkpoints in %s", progress)
+            log.warning("stopped (%s): the same command continues from the checkpoints in %s",
+                        type(stop).__name__, progress)
         raise
     except ConfigError as error:
         if error.key == "trial.resume":  # checkpoints refused, of other settings, or damaged

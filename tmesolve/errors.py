@@ -26,6 +26,11 @@ class ConfigError(ValueError):
             message += f" ({hint})"
         super().__init__(message)
 
+    def __reduce__(self):
+        # Rebuilt from its fields, so that it crosses process boundaries intact: a
+        # launcher (submitit, joblib) pickles a failed job's error to report it.
+        return type(self), (self.key, self.value, self.expected, self.hint)
+
 
 def check_finite(key: str, value: float) -> float:
     """Return ``value`` as float, refusing NaN, infinities and non-numbers."""

@@ -162,3 +162,16 @@ def test_debug_shows_the_traceback(app, tmp_path):
     )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_config_error_crosses_process_boundaries():
+    """A launcher (submitit, joblib) pickles a failed job's error to report it."""
+    import pickle
+
+    from tmesolve.errors import ConfigError
+
+    error = ConfigError("resume", "auto", "a run that is not marked failed", hint="see run.h5")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is ConfigError and str(copy) == str(error)
+    assert (copy.key, copy.value, copy.expected, copy.hint) == ("resume", "auto", "a run that is not marked failed",
+                                                                "see run.h5")

@@ -127,6 +127,53 @@ def test_killed_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
     assert_same_results(app, uninterrupted, run_dir)
 
 
+STOP_AFTER_CHECKPOINTS = """
+import os, signal, sys
+from tmesolve.io.hdf5 import RunWriter
+original = RunWriter.write_checkpoint
+count = 0
+how = sys.argv[1]  # read now: the app replaces sys.argv while it runs
+def write_then_stop(self, *args, **kwargs):
+    global count
+    original(self, *args, **kwargs)
+    count += 1
+    if count == 4:
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # a queue's time limit, scancel
+        else:
+            sys.exit(-1)  # what submitit does on SIGUSR2 (preemption, time limit), then requeues
+RunWriter.write_checkpoint = write_then_stop
+from tmesolve.cli import main_with_overrides
+sys.exit(main_with_overrides(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("stop", "exit_code"), [("sigterm", 143), ("launcher-exit", 255)])
+def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, stop, exit_code):
+    """A SIGTERM, or a launcher's SystemExit, after the 4th checkpoint (t = 3 h): the
+    file closes with status running (not failed), and the same command continues it."""
+    run_dir = tmp_path / "run"
+    stopped = subprocess.run(
+        [sys.executable, "-c", STOP_AFTER_CHECKPOINTS, stop, *CHEMOTAXIS, f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ},
+    )
+    assert stopped.returncode == exit_code, stopped.stderr
+    if stop == "sigterm":
+        assert stopped.stderr.strip() == "tmesolve: terminated (SIGTERM); the run's checkpoints are kept and it resumes"
+    log = (run_dir / "tmesolve.log").read_text()
+    assert f"resume with: tmesolve resume={run_dir}" in log
+    with h5py.File(run_dir / "run.h5", "r") as file:
+        assert file.attrs["status"] == "running"
+        assert file["checkpoint"].attrs["time_h"] == 3.0
+    code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
+    assert code == 0, stderr
+    assert_same_results(app, uninterrupted, run_dir)
+
+
 @pytest.mark.skipif(
     "tme" not in available_kinds(),
     reason="the TME builder (tmesolve.model.tme_setup) is not part of this build yet",

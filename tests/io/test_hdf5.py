@@ -243,6 +243,20 @@ def test_exception_marks_the_run_failed(tmp_path):
         assert file["time"].shape == (1,)
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(-1)], ids=["ctrl-c", "launcher-exit"])
+def test_a_stopped_run_stays_running(tmp_path, stop):
+    """Ctrl-C, SIGTERM or a batch launcher's SystemExit (submitit, on preemption or
+    before a time limit) stop a run that is not wrong: it stays resumable."""
+    path = tmp_path / "run.h5"
+    with pytest.raises(type(stop)):
+        with new_writer(path) as writer:
+            append(writer, 0, 0.0)
+            raise stop
+    with h5py.File(path, "r") as file:
+        assert file.attrs["status"] == "running"
+        assert file["time"].shape == (1,)
+
+
 def test_truncate_after_then_resume_appends_without_duplicates(tmp_path):
     path = tmp_path / "run.h5"
     with new_writer(path) as writer:

@@ -385,7 +385,10 @@ class RunWriter:
 
     Every append flushes, so a killed run leaves a readable file with status
     ``running`` that holds every completed snapshot. Use as a context manager:
-    an exception escaping the ``with`` block records ``failed: <reason>``.
+    an exception escaping the ``with`` block records ``failed: <reason>``,
+    except an interruption (KeyboardInterrupt, SystemExit: Ctrl-C, SIGTERM, a
+    batch launcher stopping a job for preemption or its time limit), which
+    leaves ``running``: the run is incomplete, not wrong, and resumes.
     When ``xdmf`` is on, ``run.xmf`` beside the file is rewritten after every
     checkpoint, truncation, status change and on close, and after every
     snapshot while it is small (``XDMF_LIVE_MAX_ATTRIBUTES``).
@@ -892,7 +895,10 @@ class RunWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
         try:
-            if exc_type is not None and self._file.id.valid:
+            # A run stopped from outside (Ctrl-C, SIGTERM, a batch launcher's SystemExit on
+            # preemption or a time limit) is not failed: it stays ``running``, resumable.
+            stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+            if exc_type is not None and not stopped and self._file.id.valid:
                 reason = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
                 self.set_status(STATUS_FAILED_PREFIX + reason)
         finally:
