@@ -12,8 +12,8 @@ line on stderr (``<key>: got <value>; expected <what>``) and exits non-zero
 (2 for configuration errors, 1 for a failed run); ``TMESOLVE_DEBUG=1``,
 ``HYDRA_FULL_ERROR=1`` or ``hydra.verbose=true`` show the traceback instead.
 
-Stops from outside: Ctrl-C exits 130 and SIGTERM (a batch queue's time limit,
-``scancel``) 143, both once the Python operation in progress (an HDF5 write,
+Stops from outside: Ctrl-C exits 130 and, for the commands, SIGTERM (a batch
+queue's time limit, ``scancel``) 143, both once the Python operation in progress (an HDF5 write,
 an output interval's compiled loop) returns; the run file closes with status
 ``running`` and the run resumes from its last checkpoint.
 """
@@ -233,7 +233,7 @@ def execute(
     if resume_dir is not None:
         run_dir = Path(resume_dir).expanduser().resolve()
     existing = simulation.run_status(run_dir)
-    resuming = False
+    resuming = replace_unstarted = False
     if existing is not None:
         status, stored_yaml = existing
         where = run_dir / "run.h5"
@@ -267,7 +267,12 @@ def execute(
             summary = simulation.stored_summary(run_dir)
             report(summary, run_dir)
             return summary
-        resuming = True
+        # A run stopped before its first output (a batch job preempted during its
+        # first compile) holds nothing to continue from, and nothing of value.
+        resuming = simulation.run_has_checkpoint(run_dir)
+        if not resuming:
+            log.warning("%s holds no checkpoint (stopped before its first output): starting it again", where)
+            replace_unstarted = True
     elif mode == "always":
         raise ConfigError(
             "resume",
@@ -290,6 +295,7 @@ def execute(
             run_dir,
             attrs=attrs,
             resume=resuming,
+            overwrite=replace_unstarted,
             progress=output.progress,
             snapshot_every=output.snapshot_every,
             log=logging.getLogger("tmesolve.simulation"),
@@ -356,11 +362,15 @@ def _hydra_task(cfg: DictConfig) -> dict[str, Any]:
     return run_job(execute, cfg)
 
 
-def run_hydra_app(task: Any, argv: Sequence[str], *, prog: str, prefix: str = "") -> int:
+def run_hydra_app(task: Any, argv: Sequence[str], *, prog: str, prefix: str = "",
+                  stop_on_sigterm: bool = False) -> int:
     """Run the Hydra app ``task`` (a ``@hydra.main`` function) with ``argv``; returns the exit code.
 
     Prints at most one line on stderr for an error, starting with ``prefix``
     (see the module docstring); Hydra's logging set-up is undone afterwards.
+    ``stop_on_sigterm``: SIGTERM stops the run as Ctrl-C does (exit 143); for
+    the console commands, which own their process (:class:`Terminated`), not
+    for a call from Python, whose host decides what SIGTERM does.
     """
     global _debug
     argv = list(argv)
@@ -376,7 +386,7 @@ def run_hydra_app(task: Any, argv: Sequence[str], *, prog: str, prefix: str = ""
     os.environ["HYDRA_FULL_ERROR"] = "1"
     GlobalHydra.instance().clear()
     try:
-        with _sigterm_raises_terminated():
+        with _sigterm_raises_terminated() if stop_on_sigterm else contextlib.nullcontext():
             task()
         return 0
     except _Abort as abort:
@@ -415,18 +425,19 @@ def run_hydra_app(task: Any, argv: Sequence[str], *, prog: str, prefix: str = ""
         root.setLevel(saved_level)
 
 
-def main_with_overrides(argv: Sequence[str]) -> int:
+def main_with_overrides(argv: Sequence[str], *, stop_on_sigterm: bool = False) -> int:
     """Run ``tmesolve`` with these command-line arguments in this process; returns the exit code.
 
-    Prints at most one line on stderr for an error (see the module docstring).
+    Prints at most one line on stderr for an error (see the module docstring);
+    ``stop_on_sigterm``: see :func:`run_hydra_app` (the ``tmesolve`` command sets it).
     """
     argv = _resume_arguments(configuration.normalise_overrides(list(argv)))
-    return run_hydra_app(_hydra_task, argv, prog="tmesolve")
+    return run_hydra_app(_hydra_task, argv, prog="tmesolve", stop_on_sigterm=stop_on_sigterm)
 
 
 def main() -> None:
     """``tmesolve``: the Hydra app (see ``tmesolve --help``)."""
-    sys.exit(main_with_overrides(sys.argv[1:]))
+    sys.exit(main_with_overrides(sys.argv[1:], stop_on_sigterm=True))
 
 
 # ---------------------------------------------------------------------------
@@ -524,4 +535,4 @@ if __name__ == "__main__":
         sys.exit(_cli.plot_main(_arguments[1:]))
     if _arguments and _arguments[0] == "summary":
         sys.exit(_cli.summary_main(_arguments[1:]))
-    sys.exit(_cli.main_with_overrides(_arguments))
+    sys.exit(_cli.main_with_overrides(_arguments, stop_on_sigterm=True))

@@ -351,7 +351,12 @@ def _hydra_task(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tmesolve-cohort`` console script; returns the exit status."""
+    """Entry point of the ``tmesolve-cohort`` console script; returns the exit status.
+
+    Without ``argv`` (the command line of this process, as the console script
+    runs it) SIGTERM stops the trial as Ctrl-C does (``cli.run_hydra_app``).
+    """
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     for item in argv:
         flag = item.split("=", 1)[0]
@@ -364,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_CONFIG_ERROR
     argv = configuration.normalise_overrides(argv, cohort=True)
-    return cli.run_hydra_app(_hydra_task, argv, prog=PROG, prefix=f"{PROG}: ")
+    return cli.run_hydra_app(_hydra_task, argv, prog=PROG, prefix=f"{PROG}: ", stop_on_sigterm=own_process)
 
 
 if __name__ == "__main__":

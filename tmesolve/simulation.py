@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +63,7 @@ from tmesolve.io.hdf5 import (
     RunFileError,
     RunWriter,
     decode_attribute,
+    find_checkpoint,
     set_attribute,
 )
 from tmesolve.model.base import Model, State
@@ -600,6 +602,7 @@ def run_simulation(
     *,
     attrs: Mapping[str, Any],
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool | str = True,
     snapshot_every: int = 1,
     log: logging.Logger = logger,
@@ -614,6 +617,8 @@ def run_simulation(
         attrs: provenance for a new file (config, overrides, seed, backend, ...).
         resume: continue the run file in ``run_dir`` from its checkpoint;
             without it an existing run file is refused (FileExistsError).
+        overwrite: start afresh over an existing run file (the app does so for
+            one stopped before its first checkpoint, which holds nothing to keep).
         progress: "auto" (bar on a terminal, log lines otherwise), "bar", "log",
             "off", or True (auto) / False (off).
         snapshot_every: write the fields at every n-th output (and the last);
@@ -670,6 +675,7 @@ def run_simulation(
     else:
         writer = RunWriter.create(
             path,
+            overwrite=overwrite,
             grid=model.grid,
             lesions=model.lesions,
             fields=sim.fields,
@@ -820,6 +826,15 @@ def run_status(run_dir: str | os.PathLike[str]) -> tuple[str, str] | None:
 
     with open_run(path) as run:
         return str(run.status), str(decode_attribute(run.attrs.get("config", "")))
+
+
+def run_has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir/run.h5`` holds a complete checkpoint to resume from.
+
+    A run stopped before its first output (during its first compile) has none.
+    """
+    with h5py.File(Path(run_dir) / RUN_FILE_NAME, "r") as file:
+        return find_checkpoint(file) is not None
 
 
 # ---------------------------------------------------------------------------
@@ -1200,6 +1215,7 @@ __all__ = [
     "provenance",
     "register_builder",
     "run_simulation",
+    "run_has_checkpoint",
     "run_status",
     "select_fields",
     "stored_summary",

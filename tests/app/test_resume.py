@@ -135,6 +135,8 @@ count = 0
 how = sys.argv[1]  # read now: the app replaces sys.argv while it runs
 def write_then_stop(self, *args, **kwargs):
     global count
+    if how == "before-first-checkpoint":
+        sys.exit(-1)  # as if stopped during the first compile
     original(self, *args, **kwargs)
     count += 1
     if count == 4:
@@ -143,8 +145,9 @@ def write_then_stop(self, *args, **kwargs):
         else:
             sys.exit(-1)  # what submitit does on SIGUSR2 (preemption, time limit), then requeues
 RunWriter.write_checkpoint = write_then_stop
-from tmesolve.cli import main_with_overrides
-sys.exit(main_with_overrides(sys.argv[2:]))
+sys.argv = ["tmesolve", *sys.argv[2:]]
+from tmesolve.cli import main
+main()  # the console command: it owns the process's SIGTERM
 """
 
 
@@ -171,6 +174,25 @@ def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, s
         assert file["checkpoint"].attrs["time_h"] == 3.0
     code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
     assert code == 0, stderr
+    assert_same_results(app, uninterrupted, run_dir)
+
+
+def test_run_stopped_before_its_first_checkpoint_starts_again(app, uninterrupted, tmp_path):
+    """A batch job stopped during its first compile leaves run.h5 without a checkpoint:
+    the requeued job (resume=auto) starts it again instead of failing to resume."""
+    run_dir = tmp_path / "run"
+    stopped = subprocess.run(
+        [sys.executable, "-c", STOP_AFTER_CHECKPOINTS, "before-first-checkpoint", *CHEMOTAXIS,
+         f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ},
+    )
+    assert stopped.returncode == 255, stopped.stderr
+    with h5py.File(run_dir / "run.h5", "r") as file:
+        assert file.attrs["status"] == "running" and "checkpoint" not in file
+    code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
+    assert code == 0, stderr
+    assert "holds no checkpoint (stopped before its first output): starting it again" in (
+        run_dir / "tmesolve.log").read_text()
     assert_same_results(app, uninterrupted, run_dir)
 
 

@@ -243,10 +243,16 @@ def test_exception_marks_the_run_failed(tmp_path):
         assert file["time"].shape == (1,)
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(-1)], ids=["ctrl-c", "launcher-exit"])
+class UncompletedJobError(Exception):
+    """Named as submitit's error for a job out of requeues (matched by name)."""
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(-1), UncompletedJobError("timed-out too many times")],
+                         ids=["ctrl-c", "launcher-exit", "out-of-requeues"])
 def test_a_stopped_run_stays_running(tmp_path, stop):
-    """Ctrl-C, SIGTERM or a batch launcher's SystemExit (submitit, on preemption or
-    before a time limit) stop a run that is not wrong: it stays resumable."""
+    """Ctrl-C, SIGTERM, a batch launcher's SystemExit (submitit, on preemption or
+    before a time limit) or its last time limit stop a run that is not wrong: it
+    stays resumable."""
     path = tmp_path / "run.h5"
     with pytest.raises(type(stop)):
         with new_writer(path) as writer:

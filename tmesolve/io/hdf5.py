@@ -101,6 +101,10 @@ RESERVED_NAMES = frozenset((TIME, LESION, *SPATIAL_AXES))
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 STATUS_FAILED_PREFIX = "failed: "
+#: Exceptions (by class name) that stop a run from outside without it being wrong,
+#: besides KeyboardInterrupt and SystemExit: submitit raises UncompletedJobError in
+#: a job out of requeues at its time limit; resubmitted, it continues (resume=auto).
+STOPPED_FROM_OUTSIDE = frozenset({"UncompletedJobError"})
 
 #: Provenance attributes the caller must give to :meth:`RunWriter.create`.
 REQUIRED_PROVENANCE = ("config", "overrides", "seed", "backend")
@@ -897,7 +901,8 @@ class RunWriter:
         try:
             # A run stopped from outside (Ctrl-C, SIGTERM, a batch launcher's SystemExit on
             # preemption or a time limit) is not failed: it stays ``running``, resumable.
-            stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+            stopped = exc_type is not None and (issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+                                                or exc_type.__name__ in STOPPED_FROM_OUTSIDE)
             if exc_type is not None and not stopped and self._file.id.valid:
                 reason = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
                 self.set_status(STATUS_FAILED_PREFIX + reason)
