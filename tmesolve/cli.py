@@ -259,7 +259,8 @@ def execute(
                     "resume",
                     "auto",
                     "a run that is not marked failed",
-                    hint=f"{where} says '{status}'; resume=always retries it from its checkpoint",
+                    hint=f"{where} says '{status}'; resume=always retries it from its checkpoint "
+                    "(from the start if it has none)",
                 )
         cfg = configuration.with_run_control(stored, cfg)
         if status == "complete":
@@ -273,6 +274,8 @@ def execute(
         if not resuming:
             log.warning("%s holds no checkpoint (stopped before its first output): starting it again", where)
             replace_unstarted = True
+            # The new file describes the run as the first command made it, not the resume.
+            overrides = simulation.stored_overrides(run_dir)
     elif mode == "always":
         raise ConfigError(
             "resume",

@@ -837,6 +837,12 @@ def run_has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
         return find_checkpoint(file) is not None
 
 
+def stored_overrides(run_dir: str | os.PathLike[str]) -> list[str]:
+    """The command-line overrides recorded in ``run_dir/run.h5`` (its ``overrides`` attribute)."""
+    with h5py.File(Path(run_dir) / RUN_FILE_NAME, "r") as file:
+        return [str(decode_attribute(item)) for item in np.atleast_1d(file.attrs.get("overrides", []))]
+
+
 # ---------------------------------------------------------------------------
 # Verification problems as experiments
 # ---------------------------------------------------------------------------
@@ -1217,6 +1223,7 @@ __all__ = [
     "run_simulation",
     "run_has_checkpoint",
     "run_status",
+    "stored_overrides",
     "select_fields",
     "stored_summary",
     "unflatten_state",

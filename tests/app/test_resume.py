@@ -177,9 +177,11 @@ def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, s
     assert_same_results(app, uninterrupted, run_dir)
 
 
-def test_run_stopped_before_its_first_checkpoint_starts_again(app, uninterrupted, tmp_path):
+@pytest.mark.parametrize("again", ["same command", "resume=<dir>"])
+def test_run_stopped_before_its_first_checkpoint_starts_again(app, uninterrupted, tmp_path, again):
     """A batch job stopped during its first compile leaves run.h5 without a checkpoint:
-    the requeued job (resume=auto) starts it again instead of failing to resume."""
+    the requeued job (the same command, resume=auto) or resume=<dir> starts it again
+    instead of failing to resume, recording the first command's overrides."""
     run_dir = tmp_path / "run"
     stopped = subprocess.run(
         [sys.executable, "-c", STOP_AFTER_CHECKPOINTS, "before-first-checkpoint", *CHEMOTAXIS,
@@ -189,11 +191,14 @@ def test_run_stopped_before_its_first_checkpoint_starts_again(app, uninterrupted
     assert stopped.returncode == 255, stopped.stderr
     with h5py.File(run_dir / "run.h5", "r") as file:
         assert file.attrs["status"] == "running" and "checkpoint" not in file
-    code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
+    command = [*CHEMOTAXIS, f"hydra.run.dir={run_dir}"] if again == "same command" else [f"resume={run_dir}"]
+    code, _, stderr = app.run_in_process(command)
     assert code == 0, stderr
     assert "holds no checkpoint (stopped before its first output): starting it again" in (
         run_dir / "tmesolve.log").read_text()
     assert_same_results(app, uninterrupted, run_dir)
+    with h5py.File(run_dir / "run.h5", "r") as file:
+        assert [str(item) for item in file.attrs["overrides"]] == CHEMOTAXIS
 
 
 @pytest.mark.skipif(
