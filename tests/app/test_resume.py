@@ -89,45 +89,7 @@ def test_stopped_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
         assert len(file.attrs["resumed"]) == 1
 
 
-KILL_AFTER_CHECKPOINTS = """
-import os, signal, sys
-from tmesolve.io.hdf5 import RunWriter
-original = RunWriter.write_checkpoint
-count = 0
-def write_then_die(self, *args, **kwargs):
-    global count
-    original(self, *args, **kwargs)
-    count += 1
-    if count == 4:
-        os.kill(os.getpid(), signal.SIGKILL)  # no close, no status: as a node failure
-RunWriter.write_checkpoint = write_then_die
-from tmesolve.cli import main_with_overrides
-sys.exit(main_with_overrides(sys.argv[1:]))
-"""
-
-
-def test_killed_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
-    """SIGKILL right after the 4th checkpoint (t = 3 h); the file opens, says running, resumes."""
-    run_dir = tmp_path / "run"
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_CHECKPOINTS, *CHEMOTAXIS, f"hydra.run.dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ},
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    with h5py.File(run_dir / "run.h5", "r") as file:
-        assert file.attrs["status"] == "running"
-        assert file["checkpoint"].attrs["time_h"] == 3.0
-    # The same command again (resume=auto): it finds its run.h5 and continues.
-    code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
-    assert code == 0, stderr
-    assert_same_results(app, uninterrupted, run_dir)
-
-
-STOP_AFTER_CHECKPOINTS = """
+STOP_AT_CHECKPOINT = """
 import os, signal, sys
 from tmesolve.io.hdf5 import RunWriter
 original = RunWriter.write_checkpoint
@@ -140,7 +102,9 @@ def write_then_stop(self, *args, **kwargs):
     original(self, *args, **kwargs)
     count += 1
     if count == 4:
-        if how == "sigterm":
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)  # no close, no status: as a node failure
+        elif how == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)  # a queue's time limit, scancel
         else:
             sys.exit(-1)  # what submitit does on SIGUSR2 (preemption, time limit), then requeues
@@ -151,19 +115,35 @@ main()  # the console command: it owns the process's SIGTERM
 """
 
 
+def stopped_run(how: str, run_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The CHEMOTAXIS run in a fresh interpreter, stopped ``how`` after its 4th
+    checkpoint (t = 3 h) or, for ``before-first-checkpoint``, before its first."""
+    return subprocess.run(
+        [sys.executable, "-c", STOP_AT_CHECKPOINT, how, *CHEMOTAXIS, f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=120, cwd=cwd, env={**os.environ},
+    )
+
+
+def test_killed_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
+    """SIGKILL right after the 4th checkpoint (t = 3 h); the file opens, says running, resumes."""
+    run_dir = tmp_path / "run"
+    killed = stopped_run("sigkill", run_dir, tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with h5py.File(run_dir / "run.h5", "r") as file:
+        assert file.attrs["status"] == "running"
+        assert file["checkpoint"].attrs["time_h"] == 3.0
+    # The same command again (resume=auto): it finds its run.h5 and continues.
+    code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
+    assert code == 0, stderr
+    assert_same_results(app, uninterrupted, run_dir)
+
+
 @pytest.mark.parametrize(("stop", "exit_code"), [("sigterm", 143), ("launcher-exit", 255)])
 def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, stop, exit_code):
     """A SIGTERM, or a launcher's SystemExit, after the 4th checkpoint (t = 3 h): the
     file closes with status running (not failed), and the same command continues it."""
     run_dir = tmp_path / "run"
-    stopped = subprocess.run(
-        [sys.executable, "-c", STOP_AFTER_CHECKPOINTS, stop, *CHEMOTAXIS, f"hydra.run.dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ},
-    )
+    stopped = stopped_run(stop, run_dir, tmp_path)
     assert stopped.returncode == exit_code, stopped.stderr
     if stop == "sigterm":
         assert stopped.stderr.strip() == "tmesolve: terminated (SIGTERM); the run's checkpoints are kept and it resumes"
@@ -183,11 +163,7 @@ def test_run_stopped_before_its_first_checkpoint_starts_again(app, uninterrupted
     the requeued job (the same command, resume=auto) or resume=<dir> starts it again
     instead of failing to resume, recording the first command's overrides."""
     run_dir = tmp_path / "run"
-    stopped = subprocess.run(
-        [sys.executable, "-c", STOP_AFTER_CHECKPOINTS, "before-first-checkpoint", *CHEMOTAXIS,
-         f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ},
-    )
+    stopped = stopped_run("before-first-checkpoint", run_dir, tmp_path)
     assert stopped.returncode == 255, stopped.stderr
     with h5py.File(run_dir / "run.h5", "r") as file:
         assert file.attrs["status"] == "running" and "checkpoint" not in file

@@ -161,6 +161,11 @@ def _signal_to_stop(task: str, launcher: subprocess.Popen) -> None:
     """
     stopped = _slurm_command("scancel", "--signal=USR2", task)
     assert stopped.returncode == 0, stopped.stderr
+    _release_when_requeued(task, launcher)
+
+
+def _release_when_requeued(task: str, launcher: subprocess.Popen) -> None:
+    """Wait for job ``task`` to be requeued (PENDING), then start it after :data:`CREDENTIAL_MARGIN_S`."""
 
     def pending() -> bool:
         state = _slurm_command("squeue", "-h", "-j", task, "-o", "%T").stdout.strip()
@@ -233,11 +238,7 @@ def test_job_at_its_time_limit_is_requeued_until_done(slurm, launches, app, tmp_
     while launcher.poll() is None:
         # Each requeue: start it after the credential margin instead of Slurm's two minutes.
         if log.is_file() and _log_text(log).count("Requeued job") > released:
-            task = _slurm_job(sweep_dir, 0)
-            _wait_until(lambda task=task: _slurm_command("squeue", "-h", "-j", task, "-o", "%T").stdout.strip()
-                        == "PENDING", "the requeue", launcher)
-            time.sleep(CREDENTIAL_MARGIN_S)
-            _slurm_command("scontrol", "update", f"JobId={task}", "StartTime=now")
+            _release_when_requeued(_slurm_job(sweep_dir, 0), launcher)
             released += 1
         time.sleep(0.2)
     _finish(launcher)
