@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import signal
 import subprocess
 import sys
 
@@ -398,6 +399,32 @@ def _advance_stopping_at(call: int):
 
     return stopping
 
+
+
+def test_a_stop_that_python_swallowed_still_ends_the_trial(shared_integrators, monkeypatch,
+                                                          signal_in_a_weakref_callback):
+    """A launcher's stop (submitit's SIGUSR2 handler exits) raised while Python ran a
+    weakref callback, which discards it (tmesolve.interrupts): the trial stops before
+    its next advance instead of running on until the scheduler kills it."""
+    samples = sample_cohort(small_spec(2, seed=7, name="swallowed", lesions_max=1))
+    advance, calls = BatchIntegrator.advance, [0]
+
+    def advance_then_signal(integrator, *args, **kwargs):
+        calls[0] += 1
+        result = advance(integrator, *args, **kwargs)
+        if calls[0] == 3:
+            assert signal_in_a_weakref_callback(signal.SIGUSR2)  # discarded there
+        return result
+
+    monkeypatch.setattr(BatchIntegrator, "advance", advance_then_signal)
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: sys.exit(-1))
+    try:
+        with pytest.raises(SystemExit):
+            run_trial(samples, ["nivolumab"], GRID, 6 * WEEK_H, chunk_size=CHUNK, dt_max=DT_MAX,
+                      integrators=shared_integrators)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls[0] == 3
 
 def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrators, monkeypatch, caplog):
     """Checkpoints (tmesolve.trial_progress): a trial stopped in its second chunk and

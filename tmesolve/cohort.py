@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tmesolve import interrupts
 from tmesolve.errors import ConfigError, check_non_negative, check_positive, check_range
 from tmesolve.executable_cache import jaxlib_version, source_digest
 from tmesolve.geometry import PHENOTYPES
@@ -722,6 +723,7 @@ def _score(
     )
 
 
+@interrupts.stops_kept()  # a stop that Python swallows still ends the trial, at its next stop
 def run_trial(
     samples: Sequence[PatientSample],
     arms: Sequence[str],
@@ -1069,6 +1071,7 @@ def run_trial(
             clock: tuple[float, float] | None = None
             last_report = 0.0
             for index in range(next_stop, len(stops)):
+                interrupts.raise_kept_stop()
                 stop = stops[index]
                 state, readouts, diagnostics = integrator.advance(state, params, solver, float(stop))
                 finite = np.asarray(diagnostics["finite"])
@@ -1097,6 +1100,7 @@ def run_trial(
                              "%.0f min); about %.0f min to go for this chunk at this pace", lesion_count, len(chunk),
                              stop / _WEEK_H, end_h / _WEEK_H, steps,
                              (seconds_before + now - chunk_started) / 60.0, (end_h - stop) / pace / 60.0)
+            interrupts.raise_kept_stop()
             finished = checkpoint(len(stops), steps, collected)
             if progress is not None:
                 progress.save(finished)

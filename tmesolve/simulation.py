@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tmesolve import interrupts
 from tmesolve._pytree import pytree_dataclass
 from tmesolve.errors import ConfigError
 from tmesolve.grid import Grid
@@ -694,7 +695,7 @@ def run_simulation(
     snapshots_written = 0
     reporter = Progress(progress, start_h, float(outputs[-1]), log, log_interval_s, len(outputs))
     summary: dict[str, Any] = {}
-    with writer:
+    with interrupts.stops_kept(), writer:
         try:
             # A zero-length advance compiles the chunk (or loads it from the
             # compiled-loop cache) and gives the readouts of the start state.
@@ -749,6 +750,9 @@ def run_simulation(
             output_position = {float(t): i for i, t in enumerate(outputs)}
             stopped = False
             for stop in stops:
+                # A Ctrl-C, SIGTERM or launcher stop that Python swallowed (see
+                # tmesolve.interrupts) ends the run here, at the last checkpoint.
+                interrupts.raise_kept_stop()
                 stop = float(stop)
                 reporter.begin_chunk(float(state.time), stop)
                 clock = time.perf_counter()
@@ -777,6 +781,7 @@ def run_simulation(
                     ):
                         stopped = True
                         break
+            interrupts.raise_kept_stop()
         finally:
             reporter.close()
 

@@ -90,11 +90,20 @@ def test_stopped_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
 
 
 STOP_AT_CHECKPOINT = """
-import os, signal, sys
+import os, signal, sys, weakref
 from tmesolve.io.hdf5 import RunWriter
 original = RunWriter.write_checkpoint
 count = 0
 how = sys.argv[1]  # read now: the app replaces sys.argv while it runs
+# submitit's SIGUSR2 handler: requeue the job (left out here), then exit.
+signal.signal(signal.SIGUSR2, lambda signum, frame: sys.exit(-1))
+class Released:
+    pass
+def in_a_weakref_callback(signum):
+    # Python discards what the handler raises there (tests/conftest.py).
+    released = Released()
+    reference = weakref.ref(released, lambda _: signal.raise_signal(signum))
+    del released
 def write_then_stop(self, *args, **kwargs):
     global count
     if how == "before-first-checkpoint":
@@ -106,6 +115,10 @@ def write_then_stop(self, *args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)  # no close, no status: as a node failure
         elif how == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)  # a queue's time limit, scancel
+        elif how == "swallowed-sigterm":
+            in_a_weakref_callback(signal.SIGTERM)
+        elif how == "swallowed-launcher-exit":
+            in_a_weakref_callback(signal.SIGUSR2)
         else:
             sys.exit(-1)  # what submitit does on SIGUSR2 (preemption, time limit), then requeues
 RunWriter.write_checkpoint = write_then_stop
@@ -138,15 +151,23 @@ def test_killed_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
     assert_same_results(app, uninterrupted, run_dir)
 
 
-@pytest.mark.parametrize(("stop", "exit_code"), [("sigterm", 143), ("launcher-exit", 255)])
+@pytest.mark.parametrize(("stop", "exit_code"), [
+    ("sigterm", 143), ("launcher-exit", 255), ("swallowed-sigterm", 143), ("swallowed-launcher-exit", 255)
+])
 def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, stop, exit_code):
     """A SIGTERM, or a launcher's SystemExit, after the 4th checkpoint (t = 3 h): the
-    file closes with status running (not failed), and the same command continues it."""
+    file closes with status running (not failed), and the same command continues it.
+    ``swallowed-``: the signal's handler raised while Python ran a weakref callback,
+    which discards the exception (tmesolve.interrupts); the run still stops, at
+    the top of its next chunk, without writing past that checkpoint."""
     run_dir = tmp_path / "run"
     stopped = stopped_run(stop, run_dir, tmp_path)
     assert stopped.returncode == exit_code, stopped.stderr
-    if stop == "sigterm":
-        assert stopped.stderr.strip() == "tmesolve: terminated (SIGTERM); the run's checkpoints are kept and it resumes"
+    if stop.startswith("swallowed"):
+        assert "Exception ignored" in stopped.stderr
+    if stop.endswith("sigterm"):
+        assert stopped.stderr.strip().splitlines()[-1] == (
+            "tmesolve: terminated (SIGTERM); the run's checkpoints are kept and it resumes")
     log = (run_dir / "tmesolve.log").read_text()
     assert f"resume with: tmesolve resume={run_dir}" in log
     with h5py.File(run_dir / "run.h5", "r") as file:
