@@ -400,7 +400,6 @@ def _advance_stopping_at(call: int):
     return stopping
 
 
-
 def test_a_stop_that_python_swallowed_still_ends_the_trial(shared_integrators, monkeypatch,
                                                           signal_in_a_weakref_callback):
     """A launcher's stop (submitit's SIGUSR2 handler exits) raised while Python ran a
@@ -425,6 +424,7 @@ def test_a_stop_that_python_swallowed_still_ends_the_trial(shared_integrators, m
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert calls[0] == 3
+
 
 def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrators, monkeypatch, caplog):
     """Checkpoints (tmesolve.trial_progress): a trial stopped in its second chunk and

@@ -62,12 +62,52 @@ def test_handlers_are_put_back_and_default_actions_left_alone(stopping_handler):
         with interrupts.stops_kept():
             assert signal.getsignal(signal.SIGUSR1) is not stopping_handler  # wrapped
             assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
-            # A handler that replaces itself (ignoring a second SIGTERM) keeps its choice.
-            signal.signal(signal.SIGUSR2, signal.SIG_DFL)
         assert signal.getsignal(signal.SIGUSR1) is stopping_handler
-        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGUSR2, previous_usr2)
+
+
+def test_a_handler_that_replaced_itself_keeps_its_choice():
+    """As tmesolve's SIGTERM handler does: ignore a second signal, then stop."""
+    def stop_once(signum, frame):
+        signal.signal(signum, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGUSR1, stop_once)
+    try:
+        with pytest.raises(Stopped), interrupts.stops_kept():
+            signal.raise_signal(signal.SIGUSR1)
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_an_error_after_a_swallowed_stop_does_not_lose_it(stopping_handler, signal_in_a_weakref_callback):
+    """The job still ends as stopped (resumable), with the error as the cause."""
+    with pytest.raises(Stopped) as raised, interrupts.stops_kept():
+        assert signal_in_a_weakref_callback(signal.SIGUSR1)
+        raise ValueError("a field became non-finite")
+    assert isinstance(raised.value.__cause__, ValueError)
+
+
+def test_scopes_nest(stopping_handler, signal_in_a_weakref_callback):
+    """A job's scope around a run loop's: a stop swallowed in the job's set-up is
+    raised at the loop's first check; the handlers are wrapped once."""
+    with pytest.raises(Stopped), interrupts.stops_kept():
+        wrapped = signal.getsignal(signal.SIGUSR1)
+        assert signal_in_a_weakref_callback(signal.SIGUSR1)
+        with interrupts.stops_kept():
+            assert signal.getsignal(signal.SIGUSR1) is wrapped
+            reached_the_loop = True
+            interrupts.raise_kept_stop()
+    assert reached_the_loop
+    assert signal.getsignal(signal.SIGUSR1) is stopping_handler
+    # The inner scope ending normally raises what was swallowed in it.
+    with pytest.raises(Stopped), interrupts.stops_kept():
+        with interrupts.stops_kept():
+            assert signal_in_a_weakref_callback(signal.SIGUSR1)
+        pytest.fail("the inner scope should have raised the stop")
 
 
 def test_outside_the_main_thread_nothing_is_wrapped(stopping_handler):
@@ -81,3 +121,12 @@ def test_outside_the_main_thread_nothing_is_wrapped(stopping_handler):
     worker.start()
     worker.join()
     assert seen == [stopping_handler]
+
+
+def test_a_worker_thread_does_not_take_the_main_threads_stop(stopping_handler, signal_in_a_weakref_callback):
+    with pytest.raises(Stopped), interrupts.stops_kept():
+        assert signal_in_a_weakref_callback(signal.SIGUSR1)
+        worker = threading.Thread(target=interrupts.raise_kept_stop)
+        worker.start()
+        worker.join()
+        interrupts.raise_kept_stop()

@@ -39,7 +39,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tmesolve import config as configuration
-from tmesolve import simulation
+from tmesolve import interrupts, simulation
 from tmesolve.errors import ConfigError
 
 log = logging.getLogger("tmesolve")
@@ -351,7 +351,10 @@ def run_job(execute_job: Any, cfg: DictConfig) -> dict[str, Any]:
     overrides = [str(item) for item in OmegaConf.to_container(hydra_config.overrides.task)]
     multirun = hydra_config.mode == RunMode.MULTIRUN
     try:
-        return execute_job(cfg, run_dir, overrides)
+        # A stop that Python swallows anywhere in the job (set-up, run, figures)
+        # still ends it: at the run loop's next chunk, or when the job is done.
+        with interrupts.stops_kept():
+            return execute_job(cfg, run_dir, overrides)
     except Exception as error:
         abort = job_abort(error, multirun)
         if abort is None:
@@ -389,7 +392,8 @@ def run_hydra_app(task: Any, argv: Sequence[str], *, prog: str, prefix: str = ""
     os.environ["HYDRA_FULL_ERROR"] = "1"
     GlobalHydra.instance().clear()
     try:
-        with _sigterm_raises_terminated() if stop_on_sigterm else contextlib.nullcontext():
+        with _sigterm_raises_terminated() if stop_on_sigterm else contextlib.nullcontext(), \
+                interrupts.stops_kept():
             task()
         return 0
     except _Abort as abort:

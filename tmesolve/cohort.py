@@ -1100,10 +1100,11 @@ def run_trial(
                              "%.0f min); about %.0f min to go for this chunk at this pace", lesion_count, len(chunk),
                              stop / _WEEK_H, end_h / _WEEK_H, steps,
                              (seconds_before + now - chunk_started) / 60.0, (end_h - stop) / pace / 60.0)
-            interrupts.raise_kept_stop()
             finished = checkpoint(len(stops), steps, collected)
             if progress is not None:
                 progress.save(finished)
+            # A stop swallowed during the chunk's last advance: end here, the chunk kept.
+            interrupts.raise_kept_stop()
             score_chunk(chunk, collected, recist_uses)
             chunk_log.append(finished.summary(run_now=True))
             done += len(chunk)

@@ -14,9 +14,11 @@ time.
 
 While :func:`stops_kept` is active, each Python-level handler of a stop
 signal is wrapped so that what it raises is also kept; the run loops call
-:func:`raise_kept_stop` at each output, which raises the kept stop again when
-it was swallowed. When it was not, it is already on its way out, and leaving
-:func:`stops_kept` forgets it.
+:func:`raise_kept_stop` before each chunk (between outputs and events), which
+raises the kept stop again when it was swallowed. The app keeps stops for a
+whole job (set-up, run, figures) and the run loops for their own span, so a
+stop swallowed anywhere in a job ends it at the next chunk or at the latest
+when the job's scope closes.
 """
 
 from __future__ import annotations
@@ -38,17 +40,19 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
 )
 
 _kept: BaseException | None = None
+#: How many :func:`stops_kept` scopes are open (they nest; the outermost wraps).
+_depth = 0
 
 
 def raise_kept_stop() -> None:
     """Raise the stop a wrapped signal handler raised, if it has not left yet.
 
     Called by the run loops between chunks: a stop that Python swallowed
-    surfaces here, one output later than it would have, with the run file
-    closed as for any other stop.
+    surfaces here, with the run file closed as for any other stop. Only in
+    the main thread, where Python runs signal handlers and the stop belongs.
     """
     global _kept
-    if _kept is not None:
+    if _kept is not None and threading.current_thread() is threading.main_thread():
         stop, _kept = _kept, None
         raise stop
 
@@ -71,29 +75,44 @@ def stops_kept(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[N
     """While inside, what a Python-level handler of ``signals`` raises is kept for :func:`raise_kept_stop`.
 
     Handlers set to ``SIG_DFL`` or ``SIG_IGN`` are left alone (there is nothing
-    to lose). Outside the main thread, where Python runs no handler, this does
-    nothing. On leaving, each wrapper is replaced by its handler again, unless
-    the handler replaced itself meanwhile (a handler that ignores a second
-    SIGTERM). A stop kept when the block ends normally is raised then; one
-    kept when it ends by an exception is forgotten: it has left by then.
+    to lose). Scopes nest: the outermost one wraps the handlers and, on
+    leaving, puts each back unless the handler replaced itself meanwhile (one
+    that ignores a second SIGTERM). Outside the main thread, where Python runs
+    no handler, this does nothing.
+
+    Leaving a scope with a stop kept: by the end of the block, the stop is
+    raised then; by another exception (an error after the stop was
+    swallowed), the stop is raised from it, so that the job still ends as
+    stopped; by the stop itself, it is forgotten.
     """
-    global _kept
+    global _kept, _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    outermost = _depth == 0
     wrappers = {}
-    for signum in signals:
-        handler = signal.getsignal(signum)
-        if callable(handler):
-            wrappers[signum] = _keeping(handler)
-            signal.signal(signum, wrappers[signum])
-    _kept = None
+    _depth += 1
     try:
-        yield
-        # Swallowed after the last check (the run finished meanwhile): stop now.
+        if outermost:
+            _kept = None
+            for signum in signals:
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    wrappers[signum] = _keeping(handler)
+                    signal.signal(signum, wrappers[signum])
+        try:
+            yield
+        except BaseException as leaving:
+            stop, _kept = _kept, None
+            if stop is not None and stop is not leaving:
+                raise stop from leaving
+            raise
+        # Swallowed after the last check: the block's work is done; stop now.
         raise_kept_stop()
     finally:
-        _kept = None
-        for signum, wrapper in wrappers.items():
-            if signal.getsignal(signum) is wrapper:
-                signal.signal(signum, wrapper.wrapped)
+        _depth -= 1
+        if outermost:
+            for signum, wrapper in wrappers.items():
+                if signal.getsignal(signum) is wrapper:
+                    signal.signal(signum, wrapper.wrapped)
+            _kept = None

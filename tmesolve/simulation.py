@@ -813,6 +813,9 @@ def run_simulation(
             if response:
                 writer.write_response(**response)
             summary = {**_jsonable(result), **summary}
+        # A stop swallowed while finishing: the run stays resumable rather than
+        # ending as complete with its job already requeued.
+        interrupts.raise_kept_stop()
         summary["status"] = STATUS_COMPLETE
         set_attribute(
             writer.file, SUMMARY_ATTRIBUTE, json.dumps(_jsonable(summary), sort_keys=True)

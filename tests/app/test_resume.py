@@ -119,9 +119,17 @@ def write_then_stop(self, *args, **kwargs):
             in_a_weakref_callback(signal.SIGTERM)
         elif how == "swallowed-launcher-exit":
             in_a_weakref_callback(signal.SIGUSR2)
-        else:
+        elif how == "launcher-exit":
             sys.exit(-1)  # what submitit does on SIGUSR2 (preemption, time limit), then requeues
 RunWriter.write_checkpoint = write_then_stop
+import tmesolve.simulation as simulation_module
+build = simulation_module.build_simulation
+def build_then_stop(*args, **kwargs):
+    built = build(*args, **kwargs)
+    if how == "swallowed-during-setup":
+        in_a_weakref_callback(signal.SIGUSR2)  # before the run file exists
+    return built
+simulation_module.build_simulation = build_then_stop
 sys.argv = ["tmesolve", *sys.argv[2:]]
 from tmesolve.cli import main
 main()  # the console command: it owns the process's SIGTERM
@@ -165,14 +173,30 @@ def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, s
     assert stopped.returncode == exit_code, stopped.stderr
     if stop.startswith("swallowed"):
         assert "Exception ignored" in stopped.stderr
-    if stop.endswith("sigterm"):
-        assert stopped.stderr.strip().splitlines()[-1] == (
-            "tmesolve: terminated (SIGTERM); the run's checkpoints are kept and it resumes")
+    terminated = "tmesolve: terminated (SIGTERM); the run's checkpoints are kept and it resumes"
+    if stop == "sigterm":
+        assert stopped.stderr.strip() == terminated
+    elif stop == "swallowed-sigterm":  # after Python's report of what it discarded
+        assert stopped.stderr.strip().splitlines()[-1] == terminated
     log = (run_dir / "tmesolve.log").read_text()
     assert f"resume with: tmesolve resume={run_dir}" in log
     with h5py.File(run_dir / "run.h5", "r") as file:
         assert file.attrs["status"] == "running"
         assert file["checkpoint"].attrs["time_h"] == 3.0
+    code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
+    assert code == 0, stderr
+    assert_same_results(app, uninterrupted, run_dir)
+
+
+def test_stop_swallowed_during_set_up_ends_the_job_at_its_first_chunk(app, uninterrupted, tmp_path):
+    """The job's scope (cli.run_job) keeps a stop that Python discarded while the
+    simulation was being built; the run loop raises it before its first chunk."""
+    run_dir = tmp_path / "run"
+    stopped = stopped_run("swallowed-during-setup", run_dir, tmp_path)
+    assert stopped.returncode == 255 and "Exception ignored" in stopped.stderr, stopped.stderr
+    with h5py.File(run_dir / "run.h5", "r") as file:
+        assert file.attrs["status"] == "running"
+        assert file["checkpoint"].attrs["time_h"] == 0.0
     code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
     assert code == 0, stderr
     assert_same_results(app, uninterrupted, run_dir)
