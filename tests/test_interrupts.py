@@ -130,3 +130,35 @@ def test_a_worker_thread_does_not_take_the_main_threads_stop(stopping_handler, s
         worker.start()
         worker.join()
         interrupts.raise_kept_stop()
+
+
+def test_a_stop_while_entering_leaves_nothing_behind(stopping_handler, monkeypatch):
+    """A stop that arrives while the handlers are being wrapped undoes the entry:
+    the next scope is the outermost again and wraps afresh."""
+    getsignal = signal.getsignal
+    interrupt_handler = getsignal(signal.SIGINT)  # wrapped before SIGTERM, if callable
+
+    def stopped_at_sigterm(signum):
+        if signum == signal.SIGTERM:
+            raise Stopped(signum)
+        return getsignal(signum)
+
+    monkeypatch.setattr(signal, "getsignal", stopped_at_sigterm)
+    with pytest.raises(Stopped), interrupts.stops_kept():
+        pytest.fail("entered")
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is interrupt_handler
+    with interrupts.stops_kept():
+        assert signal.getsignal(signal.SIGUSR1) is not stopping_handler
+
+
+def test_the_decorator_keeps_stops_for_the_call(stopping_handler, signal_in_a_weakref_callback):
+    @interrupts.keeping_stops
+    def job(value):
+        """A job."""
+        assert signal_in_a_weakref_callback(signal.SIGUSR1)
+        return value
+
+    assert job.__doc__ == "A job."
+    with pytest.raises(Stopped):
+        job(1)

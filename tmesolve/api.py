@@ -34,6 +34,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tmesolve import config as configuration
+from tmesolve import interrupts
 from tmesolve.io.reader import RunData, open_run
 
 log = logging.getLogger("tmesolve")
@@ -103,6 +104,7 @@ class _LogFile:
         log.setLevel(self.level)
 
 
+@interrupts.keeping_stops  # a stop that Python swallows while setting up still ends the run
 def run(
     overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | None = None
 ) -> RunResult:

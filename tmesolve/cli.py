@@ -309,6 +309,10 @@ def execute(
         # Ctrl-C, SIGTERM, or a batch launcher stopping the job (submitit exits on
         # SIGUSR2 before a time limit or a preemption, then requeues the job, which
         # continues here with resume=auto). run.h5 says running.
+        if isinstance(stop.__cause__, Exception):
+            # An error came after a stop that Python had swallowed (tmesolve.interrupts):
+            # the stop wins, so that a requeued job continues; the error is reported here.
+            log.error("error after the stop: %s", configuration.describe_error(stop.__cause__)[0])
         if (run_dir / "run.h5").is_file():
             log.warning("stopped (%s): resume with: tmesolve resume=%s", type(stop).__name__, run_dir)
         raise

@@ -723,7 +723,7 @@ def _score(
     )
 
 
-@interrupts.stops_kept()  # a stop that Python swallows still ends the trial, at its next stop
+@interrupts.keeping_stops  # a stop that Python swallows still ends the trial, at its next stop
 def run_trial(
     samples: Sequence[PatientSample],
     arms: Sequence[str],
@@ -1027,6 +1027,8 @@ def run_trial(
         done = len(members) - len(remaining) - sum(len(chunk) for chunk, _, saved in pending if saved)
         for chunk, batch, saved in pending:
             chunk_started, cpu_started = time.perf_counter(), time.process_time()
+            # A stop swallowed since the last chunk: end before building and compiling this one.
+            interrupts.raise_kept_stop()
             # Pad the chunk with copies of its last member: one shape, one compile.
             padded = chunk + [chunk[-1]] * (batch - len(chunk))
             setups = [build(member) for member in padded]

@@ -23,10 +23,10 @@ when the job's scope closes.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -70,8 +70,67 @@ def _keeping(handler: Callable[[int, FrameType | None], Any]) -> Callable[[int, 
     return keep_what_it_raises
 
 
-@contextlib.contextmanager
-def stops_kept(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[None]:
+class _StopsKept:
+    """One use of :func:`stops_kept` (a class rather than a generator, so that a
+    stop raised while entering undoes the entry instead of leaving it half made)."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...]) -> None:
+        self.signals = signals
+        self.active = False
+        self.outermost = False
+        self.wrappers: dict[signal.Signals, Callable[[int, FrameType | None], Any]] = {}
+
+    def __enter__(self) -> _StopsKept:
+        global _kept, _depth
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            self.outermost = _depth == 0
+            # No call between these two statements: no handler can run in between.
+            _depth += 1
+            self.active = True
+            if self.outermost:
+                _kept = None
+                for signum in self.signals:
+                    handler = signal.getsignal(signum)
+                    if callable(handler):
+                        self.wrappers[signum] = _keeping(handler)
+                        signal.signal(signum, self.wrappers[signum])
+        except BaseException:
+            self._leave()
+            raise
+        return self
+
+    def __exit__(self, kind: Any, leaving: BaseException | None, traceback: Any) -> bool:
+        global _kept
+        if not self.active:
+            return False
+        try:
+            if leaving is None:
+                # Swallowed after the last check: the block's work is done; stop now.
+                raise_kept_stop()
+            else:
+                stop, _kept = _kept, None
+                if stop is not None and stop is not leaving:
+                    raise stop from leaving
+        finally:
+            self._leave()
+        return False
+
+    def _leave(self) -> None:
+        global _kept, _depth
+        if not self.active:
+            return
+        self.active = False
+        _depth -= 1
+        if self.outermost:
+            for signum, wrapper in self.wrappers.items():
+                if signal.getsignal(signum) is wrapper:
+                    signal.signal(signum, wrapper.wrapped)  # type: ignore[attr-defined]
+            _kept = None
+
+
+def stops_kept(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> _StopsKept:
     """While inside, what a Python-level handler of ``signals`` raises is kept for :func:`raise_kept_stop`.
 
     Handlers set to ``SIG_DFL`` or ``SIG_IGN`` are left alone (there is nothing
@@ -85,34 +144,15 @@ def stops_kept(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[N
     swallowed), the stop is raised from it, so that the job still ends as
     stopped; by the stop itself, it is forgotten.
     """
-    global _kept, _depth
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    outermost = _depth == 0
-    wrappers = {}
-    _depth += 1
-    try:
-        if outermost:
-            _kept = None
-            for signum in signals:
-                handler = signal.getsignal(signum)
-                if callable(handler):
-                    wrappers[signum] = _keeping(handler)
-                    signal.signal(signum, wrappers[signum])
-        try:
-            yield
-        except BaseException as leaving:
-            stop, _kept = _kept, None
-            if stop is not None and stop is not leaving:
-                raise stop from leaving
-            raise
-        # Swallowed after the last check: the block's work is done; stop now.
-        raise_kept_stop()
-    finally:
-        _depth -= 1
-        if outermost:
-            for signum, wrapper in wrappers.items():
-                if signal.getsignal(signum) is wrapper:
-                    signal.signal(signum, wrapper.wrapped)
-            _kept = None
+    return _StopsKept(signals)
+
+
+def keeping_stops(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` run inside :func:`stops_kept` (a decorator)."""
+
+    @functools.wraps(function)
+    def kept(*args: Any, **kwargs: Any) -> Any:
+        with stops_kept():
+            return function(*args, **kwargs)
+
+    return kept

@@ -695,10 +695,14 @@ def run_simulation(
     snapshots_written = 0
     reporter = Progress(progress, start_h, float(outputs[-1]), log, log_interval_s, len(outputs))
     summary: dict[str, Any] = {}
-    with interrupts.stops_kept(), writer:
+    # The writer outside the scope: a stop that the scope raises from a later error
+    # still reaches it, and the file stays resumable.
+    with writer, interrupts.stops_kept():
         try:
             # A zero-length advance compiles the chunk (or loads it from the
-            # compiled-loop cache) and gives the readouts of the start state.
+            # compiled-loop cache) and gives the readouts of the start state;
+            # a stop swallowed while setting up ends the run before that.
+            interrupts.raise_kept_stop()
             clock = time.perf_counter()
             state, readouts, diagnostics = integrator.advance(
                 state, sim.params, sim.solver, start_h

@@ -119,6 +119,9 @@ def write_then_stop(self, *args, **kwargs):
             in_a_weakref_callback(signal.SIGTERM)
         elif how == "swallowed-launcher-exit":
             in_a_weakref_callback(signal.SIGUSR2)
+        elif how == "swallowed-then-error":
+            in_a_weakref_callback(signal.SIGUSR2)
+            raise OSError("disk full")  # before the kept stop's check: the stop still wins
         elif how == "launcher-exit":
             sys.exit(-1)  # what submitit does on SIGUSR2 (preemption, time limit), then requeues
 RunWriter.write_checkpoint = write_then_stop
@@ -160,7 +163,8 @@ def test_killed_and_resumed_equals_uninterrupted(app, uninterrupted, tmp_path):
 
 
 @pytest.mark.parametrize(("stop", "exit_code"), [
-    ("sigterm", 143), ("launcher-exit", 255), ("swallowed-sigterm", 143), ("swallowed-launcher-exit", 255)
+    ("sigterm", 143), ("launcher-exit", 255), ("swallowed-sigterm", 143), ("swallowed-launcher-exit", 255),
+    ("swallowed-then-error", 255),
 ])
 def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, stop, exit_code):
     """A SIGTERM, or a launcher's SystemExit, after the 4th checkpoint (t = 3 h): the
@@ -180,6 +184,7 @@ def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, s
         assert stopped.stderr.strip().splitlines()[-1] == terminated
     log = (run_dir / "tmesolve.log").read_text()
     assert f"resume with: tmesolve resume={run_dir}" in log
+    assert ("error after the stop: OSError: disk full" in log) == (stop == "swallowed-then-error")
     with h5py.File(run_dir / "run.h5", "r") as file:
         assert file.attrs["status"] == "running"
         assert file["checkpoint"].attrs["time_h"] == 3.0
@@ -188,15 +193,16 @@ def test_terminated_run_says_running_and_resumes(app, uninterrupted, tmp_path, s
     assert_same_results(app, uninterrupted, run_dir)
 
 
-def test_stop_swallowed_during_set_up_ends_the_job_at_its_first_chunk(app, uninterrupted, tmp_path):
+def test_stop_swallowed_during_set_up_ends_the_job_before_it_compiles(app, uninterrupted, tmp_path):
     """The job's scope (cli.run_job) keeps a stop that Python discarded while the
-    simulation was being built; the run loop raises it before its first chunk."""
+    simulation was being built; the run raises it before compiling (which can take
+    longer than a scheduler waits), and the same command starts it again."""
     run_dir = tmp_path / "run"
     stopped = stopped_run("swallowed-during-setup", run_dir, tmp_path)
     assert stopped.returncode == 255 and "Exception ignored" in stopped.stderr, stopped.stderr
+    assert "compiled the" not in (run_dir / "tmesolve.log").read_text()
     with h5py.File(run_dir / "run.h5", "r") as file:
-        assert file.attrs["status"] == "running"
-        assert file["checkpoint"].attrs["time_h"] == 0.0
+        assert file.attrs["status"] == "running" and "checkpoint" not in file
     code, _, stderr = app.run_in_process([*CHEMOTAXIS, f"hydra.run.dir={run_dir}"])
     assert code == 0, stderr
     assert_same_results(app, uninterrupted, run_dir)
