@@ -66,7 +66,6 @@ def _keeping(handler: Callable[[int, FrameType | None], Any]) -> Callable[[int, 
             _kept = stop
             raise
 
-    keep_what_it_raises.wrapped = handler  # type: ignore[attr-defined]
     return keep_what_it_raises
 
 
@@ -74,11 +73,11 @@ class _StopsKept:
     """One use of :func:`stops_kept` (a class rather than a generator, so that a
     stop raised while entering undoes the entry instead of leaving it half made)."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...]) -> None:
-        self.signals = signals
+    def __init__(self) -> None:
         self.active = False
         self.outermost = False
-        self.wrappers: dict[signal.Signals, Callable[[int, FrameType | None], Any]] = {}
+        #: signal -> (the wrapper installed, the handler it wraps)
+        self.wrapped: dict[signal.Signals, tuple[Callable[..., Any], Callable[..., Any]]] = {}
 
     def __enter__(self) -> _StopsKept:
         global _kept, _depth
@@ -91,11 +90,11 @@ class _StopsKept:
             self.active = True
             if self.outermost:
                 _kept = None
-                for signum in self.signals:
+                for signum in STOP_SIGNALS:
                     handler = signal.getsignal(signum)
                     if callable(handler):
-                        self.wrappers[signum] = _keeping(handler)
-                        signal.signal(signum, self.wrappers[signum])
+                        self.wrapped[signum] = (_keeping(handler), handler)
+                        signal.signal(signum, self.wrapped[signum][0])
         except BaseException:
             self._leave()
             raise
@@ -124,14 +123,14 @@ class _StopsKept:
         self.active = False
         _depth -= 1
         if self.outermost:
-            for signum, wrapper in self.wrappers.items():
+            for signum, (wrapper, handler) in self.wrapped.items():
                 if signal.getsignal(signum) is wrapper:
-                    signal.signal(signum, wrapper.wrapped)  # type: ignore[attr-defined]
+                    signal.signal(signum, handler)
             _kept = None
 
 
-def stops_kept(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> _StopsKept:
-    """While inside, what a Python-level handler of ``signals`` raises is kept for :func:`raise_kept_stop`.
+def stops_kept() -> _StopsKept:
+    """While inside, what a Python-level handler of :data:`STOP_SIGNALS` raises is kept for :func:`raise_kept_stop`.
 
     Handlers set to ``SIG_DFL`` or ``SIG_IGN`` are left alone (there is nothing
     to lose). Scopes nest: the outermost one wraps the handlers and, on
@@ -144,7 +143,7 @@ def stops_kept(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> _StopsKept
     swallowed), the stop is raised from it, so that the job still ends as
     stopped; by the stop itself, it is forgotten.
     """
-    return _StopsKept(signals)
+    return _StopsKept()
 
 
 def keeping_stops(function: Callable[..., Any]) -> Callable[..., Any]:

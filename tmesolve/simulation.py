@@ -785,7 +785,6 @@ def run_simulation(
                     ):
                         stopped = True
                         break
-            interrupts.raise_kept_stop()
         finally:
             reporter.close()
 
