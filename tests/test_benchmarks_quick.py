@@ -57,6 +57,13 @@ def test_quick_bandwidth_dd3_and_pde50(tmp_path):
     assert set(size["ratio_to_numpy_reference"]) >= {"explicit_voxel_updates_per_s",
                                                      "spectral_voxel_updates_per_s"}
     assert 0 < size["explicit"]["bandwidth_fraction_of_numpy_copy"]
+    # One operator: a step is one SSP-RK2 step (2 stencil stages) under Strang and Lie alike,
+    # and the bandwidth counts just those (8 B per voxel per stage).
+    for solver in ("explicit", "explicit_lie"):
+        figures = size[solver]
+        assert figures["stencil_stages_per_step"] == 2, solver
+        assert figures["effective_GBps"] == pytest.approx(
+            8 * 2 * 16**3 * figures["steps"] / figures["time_to_T_s"] / 1e9, rel=2e-3), solver  # JSON keeps 4 digits
     # The compiled chunk compiles once per solver (spectral reuses it for two dt caps).
     assert size["explicit"]["traces"] == 1 and size["spectral"]["traces"] == 1
     # Forward Euler at dt = h²/(6D) = 1/900 h divides T = 1/6 h into exactly 150 steps.

@@ -179,6 +179,12 @@ class SplitStepper:
             active.append(2)
         return tuple(active) or (0,)
 
+    @property
+    def step_kinds(self) -> tuple[int, ...]:
+        """The sub-solvers one plain step runs, in order (0 reactions, 1 cell transport,
+        2 fast linear): a model with one operator runs it once whatever the splitting order."""
+        return self._split_sequence(0.0)[0]
+
     def linear(self, state: State, params: Any, dt: jax.Array) -> State:
         """The spectral propagator over dt of the fast species, but the stiff ones (the model's react moves those).
 

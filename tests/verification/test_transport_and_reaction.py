@@ -19,6 +19,7 @@ from tmesolve.model.verification import (
     diffusion_decay_params,
     fisher_kpp_params,
 )
+from tmesolve.stepping import SplitStepper
 
 
 def bump(grid: Grid, width_um: float) -> np.ndarray:
@@ -173,6 +174,18 @@ def test_merged_reactions_batched_equal_single_runs_and_compile_once(x64):
 def test_merging_needs_strang():
     with pytest.raises(ConfigError, match="solver.merge_reactions"):
         Integrator(FisherKPP(Grid((8, 1, 1), 1.0)), 1, merge_reactions=True)
+
+
+def test_a_step_runs_the_sub_solvers_its_splitting_and_operators_call_for():
+    grid = Grid((8, 4, 4), 20.0)
+    # One operator: splitting is exact, so Strang runs it once per step, as Lie does
+    # (the DD3 benchmark counts its stencil stages from this sequence).
+    explicit = DiffusionDecay(grid, path="explicit")
+    assert SplitStepper(explicit, 2).step_kinds == SplitStepper(explicit, 1).step_kinds == (1,)
+    # Reactions (0) and transport (1): Lie R C; Strang halves of each around the middle.
+    fisher = FisherKPP(grid, path="explicit")
+    assert SplitStepper(fisher, 1).step_kinds == (0, 1)
+    assert SplitStepper(fisher, 2).step_kinds == (0, 1, 1, 0)
 
 
 def test_one_compile_per_configuration():
