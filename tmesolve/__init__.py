@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tmesolve.grid import Grid
-from tmesolve.io.reader import RunData
-from tmesolve.io.reader import open_run as open  # noqa: A001 - the documented reader name
+from tmesolve import xla_defaults
+
+# Before anything runs on a backend: XLA reads its flags once per process.
+xla_defaults.apply_cpu_defaults()
+
+from tmesolve.grid import Grid  # noqa: E402 - after the XLA options
+from tmesolve.io.reader import RunData  # noqa: E402
+from tmesolve.io.reader import open_run as open  # noqa: A001, E402 - the documented reader name
 
 __version__ = "0.1.0"
 
