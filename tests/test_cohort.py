@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 
 from tmesolve import cohort as cohort_module
+from tmesolve import xla_defaults
 from tmesolve.cohort import (
     COHORT_PRESETS,
     CohortSpec,
@@ -475,6 +477,11 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
     assert len(list(progress.glob("chunk-*.h5"))) == 2 and (progress / "trial.json").read_bytes() == record
 
     monkeypatch.setattr(cohort_module, "PROGRESS_LOG_INTERVAL_S", 0.0)
+    # Resumed in a process where tmesolve's own XLA option is missing (JAX had started
+    # before `import tmesolve`): it changes no value, so the fingerprint leaves it out.
+    flags = os.environ.get("XLA_FLAGS", "")
+    assert xla_defaults.ADDED_FLAG in flags
+    monkeypatch.setenv("XLA_FLAGS", xla_defaults.without_cpu_defaults(flags))
     with caplog.at_level(logging.INFO, logger="tmesolve.cohort"):
         resumed = run(progress_dir=progress, resume=True)
     monkeypatch.undo()

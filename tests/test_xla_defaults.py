@@ -1,4 +1,4 @@
-"""tmesolve's XLA options for the CPU backend (tmesolve.xla_defaults)."""
+"""tmesolve's XLA option for the CPU backend (tmesolve.xla_defaults)."""
 
 from __future__ import annotations
 
@@ -6,73 +6,85 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tmesolve import xla_defaults
-from tmesolve.xla_defaults import SMALL_WHILE_LOOP_OPTION, apply_cpu_defaults, with_cpu_defaults
+from tmesolve.xla_defaults import (
+    ADDED_FLAG,
+    SMALL_WHILE_LOOP_OPTION,
+    apply_cpu_defaults,
+    with_cpu_defaults,
+    without_cpu_defaults,
+)
 
-ENTRY = f"{SMALL_WHILE_LOOP_OPTION}=131072"
 
-
-def test_the_option_joins_the_users_flags():
-    assert with_cpu_defaults("") == f"--xla_backend_extra_options={ENTRY}"
-    assert with_cpu_defaults("--xla_dump_to=/tmp/d") == f"--xla_dump_to=/tmp/d --xla_backend_extra_options={ENTRY}"
-    # Existing backend extra options keep their entries.
-    assert (with_cpu_defaults("--xla_backend_extra_options=a=1 --xla_dump_to=/d")
-            == f"--xla_backend_extra_options=a=1,{ENTRY} --xla_dump_to=/d")
+def test_the_option_is_one_more_flag_and_the_users_flags_stay_as_written():
+    assert ADDED_FLAG == f"--xla_backend_extra_options={SMALL_WHILE_LOOP_OPTION}=1024"
+    assert with_cpu_defaults("") == ADDED_FLAG
+    users = '--xla_backend_extra_options=a=1  --xla_dump_to="/tmp/my dumps"'
+    assert with_cpu_defaults(users) == f"{users} {ADDED_FLAG}"
+    # The trial fingerprint records the user's flags alone.
+    assert without_cpu_defaults(with_cpu_defaults("--xla_dump_to=/d")) == "--xla_dump_to=/d"
+    assert without_cpu_defaults(ADDED_FLAG) == ""
 
 
 @pytest.fixture
-def fresh_cpu_process(monkeypatch):
-    """As in a process whose backends have not started, with no accelerator plugin."""
+def fresh_process(monkeypatch):
+    """As in a process whose JAX backends have not started."""
     monkeypatch.setattr(xla_defaults, "_backends_started", lambda: False)
-    monkeypatch.setattr(xla_defaults, "_accelerator_plugin_installed", lambda: False)
 
 
-def test_added_only_where_it_can_take_effect_and_the_user_has_not_chosen(fresh_cpu_process, monkeypatch):
+def test_added_unless_the_user_chose_a_value_or_jax_has_started(fresh_process, monkeypatch):
     environ = {"XLA_FLAGS": "--xla_dump_to=/d"}
-    assert apply_cpu_defaults(environ)
-    assert environ["XLA_FLAGS"] == f"--xla_dump_to=/d --xla_backend_extra_options={ENTRY}"
+    assert apply_cpu_defaults(environ) and environ["XLA_FLAGS"] == f"--xla_dump_to=/d {ADDED_FLAG}"
     assert not apply_cpu_defaults(environ)  # named now: a second import adds nothing
+    assert apply_cpu_defaults(environ := {}) and environ["XLA_FLAGS"] == ADDED_FLAG
 
     chosen = {"XLA_FLAGS": f"--xla_backend_extra_options={SMALL_WHILE_LOOP_OPTION}=0"}
     assert not apply_cpu_defaults(chosen)
     assert chosen["XLA_FLAGS"] == f"--xla_backend_extra_options={SMALL_WHILE_LOOP_OPTION}=0"
 
-    assert apply_cpu_defaults(cpu := {"JAX_PLATFORMS": "cpu"}) and ENTRY in cpu["XLA_FLAGS"]
-    for platforms in ("cuda", "cuda,cpu", "tpu"):
-        environ = {"JAX_PLATFORMS": platforms}
-        assert not apply_cpu_defaults(environ) and "XLA_FLAGS" not in environ, platforms
-
-    monkeypatch.setattr(xla_defaults, "_accelerator_plugin_installed", lambda: True)
-    assert not apply_cpu_defaults(environ := {})
-    assert apply_cpu_defaults(environ := {"JAX_PLATFORMS": "cpu"})  # CPU chosen over the plugin
-
     monkeypatch.setattr(xla_defaults, "_backends_started", lambda: True)
-    assert not apply_cpu_defaults(environ := {"JAX_PLATFORMS": "cpu"}) and "XLA_FLAGS" not in environ
+    assert not apply_cpu_defaults(environ := {}) and "XLA_FLAGS" not in environ
 
 
-# Compiles a lax.scan over a 32³ field and prints whether XLA hoisted the loop into one
-# single-threaded call (the HLO's "call(...), to_apply=%while").
-HOISTED_LOOP_PROBE = """
+# Run in a fresh interpreter (XLA reads its flags once per process), with XLA_FLAGS as given:
+# compile a lax.scan over a 32³ field, print whether XLA hoisted the loop into one
+# single-threaded call (the HLO's "call(...), to_apply=%while"), and save the values of
+# an explicit diffusion run at 48³ (a loop the option changes) to argv[1].
+PROBE = """
 import re, sys
-if sys.argv[1] == "tmesolve":
-    import tmesolve  # noqa: F401
-import jax, jax.numpy as jnp
+import tmesolve
+import jax, jax.numpy as jnp, numpy as np
+from tmesolve.grid import Grid
+from tmesolve.integrate import Integrator, initial_state, make_solver_params
+from tmesolve.model.verification import DiffusionDecay, diffusion_decay_params
 loop = jax.jit(lambda u: jax.lax.scan(lambda x, _: (x[::-1] * 0.5 + x, None), u, None, length=5)[0])
 print(bool(re.search(r"to_apply=%while", loop.lower(jnp.zeros((32, 32, 32))).compile().as_text())))
+model = DiffusionDecay(Grid((48, 48, 48), 20.0), path="explicit", with_source=False)
+u0 = np.random.default_rng(0).random((1, 1, 48, 48, 48)).astype(np.float32)
+state, _, _ = Integrator(model).advance(
+    initial_state(model, u0, dtype=jnp.float32), diffusion_decay_params(60000.0, 0.6, dtype=jnp.float32),
+    make_solver_params(0.1, safety=1.0, dtype=jnp.float32), 0.05)
+np.save(sys.argv[1], np.asarray(state.fields))
 """
 
 
-def test_importing_tmesolve_keeps_a_32_cubed_loop_of_steps_as_a_multithreaded_loop():
-    environ = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    environ["JAX_PLATFORMS"] = "cpu"
+def test_import_keeps_a_32_cubed_loop_of_steps_multithreaded_and_the_values_unchanged(tmp_path):
+    def run(xla_flags: str | None, name: str) -> tuple[bool, np.ndarray]:
+        environ = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+        if xla_flags is not None:
+            environ["XLA_FLAGS"] = xla_flags
+        completed = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / name)], env=environ,
+                                   capture_output=True, text=True, timeout=300, check=True)
+        return completed.stdout.strip() == "True", np.load(tmp_path / f"{name}.npy")
 
-    def hoisted(first_import: str) -> bool:
-        completed = subprocess.run([sys.executable, "-c", HOISTED_LOOP_PROBE, first_import], env=environ,
-                                   capture_output=True, text=True, timeout=120, check=True)
-        return completed.stdout.strip() == "True"
-
-    # XLA's default hoists it (so the probe sees the effect); after `import tmesolve` it does not.
-    assert hoisted("jax")
-    assert not hoisted("tmesolve")
+    # A threshold the user set above the loop's size hoists it: the probe sees hoisting.
+    hoisted, hoisted_values = run(f"--xla_backend_extra_options={SMALL_WHILE_LOOP_OPTION}=1073741824", "big")
+    assert hoisted
+    # With the option tmesolve adds, it stays a loop of multithreaded kernels...
+    hoisted, values = run(None, "default")
+    assert not hoisted
+    # ...which computes the same values bit for bit (the trial fingerprint leaves the option out).
+    np.testing.assert_array_equal(values, hoisted_values)

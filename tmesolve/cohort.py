@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tmesolve import interrupts
+from tmesolve import interrupts, xla_defaults
 from tmesolve.errors import ConfigError, check_non_negative, check_positive, check_range
 from tmesolve.executable_cache import jaxlib_version, source_digest
 from tmesolve.geometry import PHENOTYPES
@@ -940,7 +940,7 @@ def run_trial(
             "jaxlib": jaxlib_version(),
             "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind,
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "XLA_FLAGS": xla_defaults.without_cpu_defaults(os.environ.get("XLA_FLAGS", "")),
         }
         progress = TrialProgress(progress_dir, fingerprint, resume=resume, restart=restart, key="trial.resume")
     if before_compile is not None:

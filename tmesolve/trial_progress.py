@@ -7,7 +7,8 @@ batch queues allow one job. :func:`tmesolve.cohort.run_trial` with
 * ``trial.json``: every setting that decides the simulated values (the
   sampled patients, arms, grid, times, solver, parameter overrides, the
   tmesolve source digest, JAX and jaxlib versions, backend, device kind and
-  ``XLA_FLAGS``). A run that resumes must have the same; a difference is
+  ``XLA_FLAGS`` as the user set them, without the option tmesolve adds itself,
+  :mod:`tmesolve.xla_defaults`). A run that resumes must have the same; a difference is
   refused, naming the settings that differ.
 * ``chunk-<lesions>-<arm>-<patient>.h5``, one per chunk of patient-arms
   advanced together: its members, the readout records collected so far,
