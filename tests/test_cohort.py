@@ -477,11 +477,13 @@ def test_an_interrupted_trial_resumes_value_for_value(tmp_path, shared_integrato
     assert len(list(progress.glob("chunk-*.h5"))) == 2 and (progress / "trial.json").read_bytes() == record
 
     monkeypatch.setattr(cohort_module, "PROGRESS_LOG_INTERVAL_S", 0.0)
-    # Resumed in a process where tmesolve's own XLA option is missing (JAX had started
-    # before `import tmesolve`): it changes no value, so the fingerprint leaves it out.
+    # Resumed where tmesolve's own XLA option is missing (JAX had started before
+    # `import tmesolve`), or present where it was not: it changes no value, so the
+    # fingerprint leaves it out.
     flags = os.environ.get("XLA_FLAGS", "")
-    assert xla_defaults.ADDED_FLAG in flags
-    monkeypatch.setenv("XLA_FLAGS", xla_defaults.without_cpu_defaults(flags))
+    toggled = (xla_defaults.without_cpu_defaults(flags) if xla_defaults.ADDED_FLAG in flags.split()
+               else xla_defaults.with_cpu_defaults(flags))
+    monkeypatch.setenv("XLA_FLAGS", toggled)
     with caplog.at_level(logging.INFO, logger="tmesolve.cohort"):
         resumed = run(progress_dir=progress, resume=True)
     monkeypatch.undo()
