@@ -161,31 +161,28 @@ def diffusion_rate(u: jnp.ndarray, diffusivity: jnp.ndarray | float, spacing: fl
     Face coefficient: arithmetic mean of the two cells, D_{i+½} = (D_i + D_{i+1})/2.
     Flux F_{i+½} = −D_{i+½}(u_{i+1} − u_i)/h. Second order for smooth D.
 
-    A scalar D factors out of the divergence:
-    ∇·(D∇u) = D/h² · Σ_axes (G_{i+½} − G_{i−½}) with G_{i+½} = u_{i+1} − u_i,
-    one product per cell instead of a face average, a product and a division per
-    face; the same sum to round-off, and on the CPU backend a stencil stage in
-    about half the time (``python -m benchmarks.stencil_forms``).
+    Written as ∇·(D∇u) = 1/h² · Σ_axes (G_{i+½} − G_{i−½}) with G_{i+½} =
+    D_{i+½}(u_{i+1} − u_i): one scale per cell. A scalar D factors out of the sum
+    (G = u_{i+1} − u_i, scale D/h²): no face average and no product per face, a
+    stencil stage in about half the time on the CPU backend
+    (``python -m benchmarks.stencil_forms``).
     """
     diffusivity = jnp.asarray(diffusivity, u.dtype)
-    differences, walls = [None, None, None], [(None, None)] * 3
+    scalar = diffusivity.ndim == 0
+    coefficient = None if scalar else jnp.broadcast_to(diffusivity, u.shape)
+    face_values, walls = [None, None, None], [(None, None)] * 3
     for axis in _active_axes(u):
-        differences[axis] = forward_difference(u, axis)
-        walls[axis] = _dirichlet_wall_differences(u, boundary, axis)
-    if diffusivity.ndim == 0:
-        return (diffusivity / spacing**2) * _net_face_values(differences, walls, u)
-    coefficient = jnp.broadcast_to(diffusivity, u.shape)
-    fluxes, wall_fluxes = [None, None, None], [(None, None)] * 3
-    for axis in _active_axes(u):
-        ax = _spatial_axis(u, axis)
-        fluxes[axis] = -face_average(coefficient, axis) * differences[axis] / spacing
-        low, high = walls[axis]
-        # The wall's coefficient is the wall cell's own D.
-        wall_fluxes[axis] = (
-            None if low is None else -_slice(coefficient, ax, 0, 1) * low / spacing,
-            None if high is None else -_slice(coefficient, ax, -1, None) * high / spacing,
-        )
-    return divergence(fluxes, spacing, wall_fluxes, shape_like=u)
+        difference = forward_difference(u, axis)
+        low, high = _dirichlet_wall_differences(u, boundary, axis)
+        if not scalar:
+            # D at the faces; a wall's coefficient is the wall cell's own D.
+            ax = _spatial_axis(u, axis)
+            difference = face_average(coefficient, axis) * difference
+            low = None if low is None else _slice(coefficient, ax, 0, 1) * low
+            high = None if high is None else _slice(coefficient, ax, -1, None) * high
+        face_values[axis], walls[axis] = difference, (low, high)
+    scale = (diffusivity if scalar else 1.0) / spacing**2
+    return scale * _net_face_values(face_values, walls, u)
 
 
 def ito_motility_rate(u: jnp.ndarray, motility: jnp.ndarray, spacing: float) -> jnp.ndarray:

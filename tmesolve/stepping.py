@@ -293,7 +293,7 @@ class SplitStepper:
     def _sequence_kinds(self, merge_reactions: bool) -> tuple[int, ...]:
         if merge_reactions and self.can_merge_reactions:
             return (0,) + tuple(k for k in (1, 2, 1) if k in self.active_substeps)
-        return self._split_sequence(0.0)[0]
+        return self.step_kinds
 
     def advance_pass(self, state: State, params: Any, dt: jax.Array, idle: jax.Array,
                      merge_reactions: bool = False, owed_reaction_dt: jax.Array | None = None,
