@@ -8,22 +8,27 @@ the suite), an edge-padded ``lax.conv_general_dilated``,
 shifted slices with the wall cell repeated, ``jnp.roll`` with the wrapped
 cell replaced, 3-point ``lax.reduce_window`` sums of an edge-padded copy, and
 seven plain slices of one materialised edge-padded copy. Prints best time
-and effective bandwidth (8 B per voxel: read and write once) of each, and
-checks that all agree.
+and effective bandwidth (8 B per voxel: read and write once) of each, CPU
+time over wall time (about 1: one thread), and checks that all agree. With
+``--steps`` > 1 it also times a stage of the solver's SSP-RK2 step of the
+operator. XLA_FLAGS naming ``xla_cpu_small_while_loop_byte_threshold``
+overrides tmesolve's value (:mod:`tmesolve.xla_defaults`); a large one, e.g.
+``--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=1073741824``,
+gives XLA's single-threaded hoisting of the loop back for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import tmesolve  # noqa: F401 - sets tmesolve's XLA CPU options (tmesolve.xla_defaults), as a run has them
 from benchmarks import best_time_s
-from tmesolve.operators import diffusion_rate
+from tmesolve.operators import diffusion_rate, ssp_rk2  # importing tmesolve sets its XLA options, as a run has them
 
 
 def concatenated_faces(u, c):
@@ -138,12 +143,33 @@ def main(argv: list[str] | None = None) -> dict:
                 lambda x, _: (form(x, c), None), u, None, length=steps)[0])
         out = np.asarray(compiled(u, c))
         reference = out if reference is None else reference
-        seconds = best_time_s(lambda compiled=compiled: compiled(u, c), args.repeats) / steps
-        results[name] = {"seconds": seconds, "GBps": 8 * n**3 / seconds / 1e9,
-                         "max_difference": float(np.max(np.abs(out - reference)))}
-        print(f"{name:24s} {seconds * 1e3:8.2f} ms {results[name]['GBps']:7.2f} GB/s "
-              f"(max difference {results[name]['max_difference']:.1e})", flush=True)
+        results[name] = _timed(compiled, u, c, args.repeats, steps, n)
+        results[name]["max_difference"] = float(np.max(np.abs(out - reference)))
+        _print(name, results[name], f"(max difference {results[name]['max_difference']:.1e})")
+    if steps > 1:
+        # The solver's own step: SSP-RK2 of the operator, 2 stages per step (ssp_rk2's barrier
+        # keeps them apart), in a scan of ``steps`` steps; reported per stage.
+        solver_steps = jax.jit(lambda u, c: jax.lax.scan(
+            lambda x, _: (ssp_rk2(lambda v: diffusion_rate(v, 1.0, 1.0), x, c), None), u, None,
+            length=steps)[0])
+        solver_steps(u, c).block_until_ready()
+        results["ssp_rk2_stage"] = _timed(solver_steps, u, c, args.repeats, 2 * steps, n)
+        _print("ssp_rk2_stage", results["ssp_rk2_stage"], "(the solver's step, per stage)")
     return results
+
+
+def _timed(compiled, u, c, repeats: int, updates: int, n: int) -> dict:
+    """Best time per update, its bandwidth at 8 B per voxel, and CPU time over wall time
+    of the timed calls (about 1 when XLA runs the loop on one thread, up to the core count)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    seconds = best_time_s(lambda: compiled(u, c), repeats) / updates
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"seconds": seconds, "GBps": 8 * n**3 / seconds / 1e9, "cpu_over_wall": cpu / wall}
+
+
+def _print(name: str, figures: dict, note: str) -> None:
+    print(f"{name:24s} {figures['seconds'] * 1e3:8.3f} ms {figures['GBps']:7.2f} GB/s "
+          f"CPU/wall {figures['cpu_over_wall']:.2f} {note}", flush=True)
 
 
 if __name__ == "__main__":

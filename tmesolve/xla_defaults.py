@@ -9,9 +9,11 @@ tens of MiB, so a solver's loop of steps ran on one thread for every lesion
 up to about 220³ voxels, and the kernels XLA splits in two for two cores
 (a stencil stage, ``outer_dimension_partitions`` in the compiled HLO) ran on
 one. tmesolve sets the threshold back to 1024 bytes. Measured on the 2-core
-development VM (AMD EPYC, JAX 0.12.0.1), one SSP-RK2 diffusion stage inside
-the loop: 0.093 → 0.050 ms at 64³, 0.73 → 0.31 ms at 128³; 16³ unchanged
-(0.002 ms); the full TME step unchanged (it already ran on both cores). Where
+development VM (AMD EPYC, JAX 0.12.0.1) with ``python -m
+benchmarks.stencil_forms --steps 20`` (its ``ssp_rk2_stage`` row, against the
+loop hoisted by a large threshold in ``XLA_FLAGS``), one SSP-RK2 diffusion
+stage: 0.088 → 0.048 ms at 64³, 0.56–0.64 → 0.29 ms at 128³; the full TME step
+unchanged (it already ran on both cores). Where
 XLA's default is 1024 bytes the option changes nothing. The values computed
 are the same bit for bit either way (a test checks): only the threads differ.
 
