@@ -145,3 +145,14 @@ def test_device_script_runs_a_part_and_reports_failures(tmp_path):
     assert "=== pde50: exit 0" in log and "unknown part: nonsense" in log
     report = json.loads((tmp_path / "device" / "pde50.json").read_text())
     assert positive(report["pde50"]["paths"]["spectral_source"]["time_per_step_s"])
+
+
+def test_stencil_forms_agree_and_time_the_solver_stage():
+    from benchmarks import stencil_forms
+
+    results = stencil_forms.main(["--shape", "8", "--steps", "2", "--repeats", "1"])
+    assert set(results) == set(stencil_forms.FORMS) | {"ssp_rk2_stage"}
+    for name, figures in results.items():
+        assert positive(figures["seconds"]) and positive(figures["cpu_over_wall"]), name
+    # Every form writes the same update (float32 round-off of an 8³ field of values in [0, 1)).
+    assert max(results[name]["max_difference"] for name in stencil_forms.FORMS) < 1e-5
