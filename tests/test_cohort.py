@@ -16,12 +16,14 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 
 import h5py
+import jax
 import numpy as np
 import pytest
 
@@ -30,6 +32,10 @@ from tmesolve import xla_defaults
 from tmesolve.cohort import (
     COHORT_PRESETS,
     CohortSpec,
+    LesionSample,
+    PatientOutcome,
+    PatientSample,
+    TrialResult,
     cohort_table,
     run_trial,
     sample_cohort,
@@ -153,6 +159,141 @@ def test_wilson_interval_matches_a_worked_value():
     assert rate["upper_95"] == pytest.approx(0.6994, abs=1e-3)
     assert wilson_interval(0, 5)["lower_95"] == 0.0
     assert np.isnan(wilson_interval(0, 0)["rate"])
+
+
+def _hand_made_trial() -> TrialResult:
+    """Six patients of one lesion each in two arms, with outcomes set by hand (no
+    simulation), so that every summary figure can be counted on paper.
+
+    nivolumab (per patient: TMB, phenotype, baseline PD-L1, irAE grade, best response,
+    PFS weeks and event, duration of response weeks and whether it was censored):
+      P1 20 inflamed 0.6 g3 CR 24 -  DoR 18 censored, durable
+      P2 15 inflamed 0.2 g2 PR 18 PD DoR 12 progressed
+      P3 12 excluded 0.7 g0 SD 24 -
+      P4  5 excluded 0.1 g1 PR 12 -  DoR 12 censored (last scan at 12 weeks)
+      P5  3 desert   0.1 g0 PD  6 PD
+      P6  2 desert   0.3 g2 PD  6 PD
+    ipilimumab: P1 and P2 PR (PFS 20 and 16 weeks, DoR 14 and 8, both progressed),
+    the rest PD at 6 weeks; no irAE.
+    """
+    week = WEEK_H
+    table = [
+        ("P001", 20.0, "inflamed", 0.6, 3, "CR", 24, False, 18, True, True),
+        ("P002", 15.0, "inflamed", 0.2, 2, "PR", 18, True, 12, False, False),
+        ("P003", 12.0, "excluded", 0.7, 0, "SD", 24, False, math.nan, False, False),
+        ("P004", 5.0, "excluded", 0.1, 1, "PR", 12, False, 12, True, False),
+        ("P005", 3.0, "desert", 0.1, 0, "PD", 6, True, math.nan, False, False),
+        ("P006", 2.0, "desert", 0.3, 2, "PD", 6, True, math.nan, False, False),
+    ]
+    samples = tuple(
+        PatientSample(pid, seed=i, tmb=tmb, lesions=(
+            LesionSample(phenotype, tmb, 0.1, 300.0, None),))
+        for i, (pid, tmb, phenotype, *_rest) in enumerate(table)
+    )
+
+    def outcome(pid, arm, pdl1, phenotype, grade, best, pfs_wk, event, dor_wk, censored,
+                durable):
+        return PatientOutcome(
+            patient_id=pid, arm=arm, recist_diameter="burden_diameter_mm",
+            baseline_sum_mm=20.0, best_response=best, best_percent_change=0.0,
+            percent_change=np.zeros(1), sum_diameters_mm=np.zeros(1), categories=(best,),
+            pfs_h=pfs_wk * week, pfs_event=event, duration_of_response_h=dor_wk * week,
+            response_censored=censored, durable_cr=durable, max_irae_grade=grade,
+            therapy_held=grade >= 3, therapy_resumed=False, therapy_discontinued=False,
+            baseline_pdl1=pdl1, baseline_class=phenotype, touched_wall=False,
+        )
+
+    nivolumab = [
+        outcome(pid, "nivolumab", pdl1, phenotype, grade, best, pfs, event, dor, censored,
+                durable)
+        for pid, _tmb, phenotype, pdl1, grade, best, pfs, event, dor, censored, durable in table
+    ]
+    ipilimumab_rows = {"P001": ("PR", 20, True, 14), "P002": ("PR", 16, True, 8)}
+    ipilimumab = []
+    for pid, _tmb, phenotype, pdl1, *_rest in table:
+        best, pfs, event, dor = ipilimumab_rows.get(pid, ("PD", 6, True, math.nan))
+        ipilimumab.append(
+            outcome(pid, "ipilimumab", pdl1, phenotype, 0, best, pfs, event, dor, False, False)
+        )
+    return TrialResult(
+        samples=samples, arms=("nivolumab", "ipilimumab"), grid=GRID, lead_in_h=2 * week,
+        duration_h=24 * week, assessment_interval_h=6 * week, durable_cr_h=12 * week,
+        first_assessment_h=6 * week, record_times_h=np.zeros(1), stop_times_h=np.zeros(1),
+        assessment_times_h=np.arange(1, 5) * 6 * week + 2 * week,
+        outcomes={"nivolumab": nivolumab, "ipilimumab": ipilimumab},
+        records={"nivolumab": [], "ipilimumab": []}, trace_counts={1: 1}, chunk_sizes={1: 6},
+        settings={"dtype": "float32", "dt_max_h": 1.0, "backend": "cpu"}, wall_time_s=0.0,
+    )
+
+
+def test_summary_counts_and_report_match_a_hand_made_trial():
+    """Every rate of the summary, counted on paper for :func:`_hand_made_trial`."""
+    result = _hand_made_trial()
+    summary = summarize_trial(result)
+    arm = summary["per_arm"]["nivolumab"]
+
+    def count(rate):
+        return rate["count"], rate["n"]
+
+    assert arm["counts"] == {"CR": 1, "PR": 2, "SD": 1, "PD": 2, "NE": 0}
+    assert count(arm["orr"]) == (3, 6) and count(arm["cr_rate"]) == (1, 6)
+    assert count(arm["dcr"]) == (4, 6)
+    # PFS, Kaplan–Meier: S(6 wk) = 4/6; P4 censored at 12; S(18 wk) = 4/6 × 2/3 = 4/9
+    # → median 18 weeks.
+    assert arm["pfs"]["events"] == 3
+    assert arm["pfs"]["median_h"] == pytest.approx(18 * WEEK_H)
+    survival = dict(zip(arm["pfs"]["km"]["time_h"], arm["pfs"]["km"]["survival"]))
+    assert survival[6 * WEEK_H] == pytest.approx(4 / 6)
+    assert survival[18 * WEEK_H] == pytest.approx(4 / 9)
+    # Duration of response: P2 progresses at 12 weeks (3 at risk), P4 and P1 are censored,
+    # so S stays at 2/3 and the median is not reached.
+    assert arm["duration_of_response"] == {"responders": 3, "events": 1, "median_h": None}
+    assert arm["durable_cr"] == 1 and arm["therapy_held"] == 1
+    # irAE-positive (grade >= 2): P1, P2, P6 → 2/3 respond; irAE-negative P3, P4, P5 → 1/3.
+    assert count(arm["irae"]["rate"]) == (3, 6)
+    assert count(arm["irae"]["orr_positive"]) == (2, 3)
+    assert count(arm["irae"]["orr_negative"]) == (1, 3)
+    assert arm["irae"]["association"] == "reproduced"
+    biomarkers = summary["biomarkers"]
+    tmb = biomarkers["tmb"]["arms"]["nivolumab"]  # TMB >= 10: P1, P2, P3
+    assert count(tmb["high"]) == (2, 3) and count(tmb["low"]) == (1, 3)
+    pdl1 = biomarkers["pdl1"]["arms"]["nivolumab"]  # PD-L1 >= 0.5: P1, P3
+    assert count(pdl1["high"]) == (1, 2) and count(pdl1["low"]) == (2, 4)
+    phenotype = biomarkers["phenotype"]["arms"]["nivolumab"]
+    assert [count(phenotype[p]) for p in PHENOTYPES] == [(2, 2), (1, 2), (0, 2)]
+    assert biomarkers["baseline_class"]["arms"]["nivolumab"] == phenotype
+
+    other = summary["per_arm"]["ipilimumab"]
+    assert count(other["orr"]) == (2, 6) and count(other["dcr"]) == (2, 6)
+    # Both responses progress, at 8 and 14 weeks: S(8) = 1/2 → median 8 weeks.
+    assert other["duration_of_response"] == {
+        "responders": 2, "events": 2, "median_h": pytest.approx(8 * WEEK_H)}
+    assert other["irae"]["association"] == "untestable"  # nobody irAE-positive
+    assert summary["logrank"]["test"] == "logrank" and summary["logrank"]["p_value"] < 0.5
+
+    rows = {(r["section"], r["arm"], r["group"], r["metric"]): r
+            for r in cohort_module._summary_rows(summary)}
+    assert rows[("response", "nivolumab", "all", "dcr")]["count"] == 4
+    assert rows[("response", "nivolumab", "responders", "median_duration_of_response_h")][
+        "value"] == "inf"
+    assert rows[("response", "ipilimumab", "responders", "median_duration_of_response_h")][
+        "value"] == pytest.approx(8 * WEEK_H)
+    assert rows[("irae", "ipilimumab", "all", "irae_association")]["value"] == "untestable"
+
+    report = cohort_module._report(result, summary, None)
+    assert "nivolumab: 3 responders, median not reached, 1 progressed; durable CR in 1" in report
+    assert "ipilimumab: 2 responders, median 8.0 wk, 2 progressed; durable CR in 0" in report
+    assert "nivolumab: irAE-positive patients respond at least as often" in report
+    assert "ipilimumab: no irAE-positive or no irAE-negative patients" in report
+    assert "no CR can be durable" not in report
+    assert "Tuned: r_C, k_kill, k_in and rho_PDL1" in report and "set in this run" not in report
+    overridden = dataclasses.replace(result, settings={**result.settings,
+                                                       "parameters": {"k_kill": 0.2}})
+    assert "set in this run: k_kill=0.2." in cohort_module._report(overridden, summary, None)
+    # The default 5-year window cannot be met in 24 weeks, and the report says so.
+    longer = dataclasses.replace(result, durable_cr_h=5 * 365.25 * 24.0)
+    assert "no CR can be durable here: 24 wk of follow-up" in cohort_module._report(
+        longer, summarize_trial(longer), None)
 
 
 # ---------------------------------------------------------------------------
@@ -387,6 +528,48 @@ def test_tiny_trial_runs_end_to_end_and_writes_its_files(tmp_path, shared_integr
     baseline = [o.baseline_pdl1 for o in result.outcomes["ipilimumab"]]
     assert spread["min"] == min(baseline) and spread["max"] == max(baseline)
     assert "baseline PD-L1 in this cohort" in report
+
+
+class _Accelerator:
+    """A stand-in for a GPU device: ``memory_stats()`` returns ``stats`` (or raises it)."""
+
+    platform = "gpu"
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        if isinstance(self.stats, Exception):
+            raise self.stats
+        return self.stats
+
+
+def test_chunk_size_comes_from_the_free_memory(monkeypatch, shared_integrators):
+    """⌊½ × free / (16 × state bytes)⌋ patient-arms per chunk, between 1 and the group
+    size; free memory from the device's statistics, else the host's free pages."""
+    gpu = _Accelerator({"bytes_limit": 80 * 10**9, "bytes_in_use": 16 * 10**9})
+    assert cohort_module.available_memory_bytes(gpu) == 64 * 10**9
+    assert cohort_module.choose_chunk_size(10**6, 10**6, gpu) == 2000  # 32 GB / 16 MB
+    assert cohort_module.choose_chunk_size(10**6, 12, gpu) == 12
+    assert cohort_module.choose_chunk_size(10**6, 12, _Accelerator({"bytes_limit": 10**6})) == 1
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for device in (_Accelerator(RuntimeError("no statistics")), _Accelerator(None),
+                   jax.devices("cpu")[0]):
+        # Free host memory moves while the suite runs; 20 % is far from any other source.
+        assert cohort_module.available_memory_bytes(device) == pytest.approx(host, rel=0.2)
+
+    # run_trial without a chunk size takes it from there: room for 2.5 patient-arms
+    # gives chunks of 2 (the 1-lesion loop compiled above for chunks of 2).
+    samples = sample_cohort(small_spec(3, seed=7, name="chunked", lesions_max=1))
+    first = setup_tme(GRID, samples[0].lesion_specs(), therapy="nivolumab",
+                      seed=samples[0].seed)
+    state_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(first.state))
+    room = 2.5 * cohort_module.WORKING_SET_FACTOR * state_bytes / cohort_module.MEMORY_FRACTION
+    monkeypatch.setattr(cohort_module, "available_memory_bytes", lambda device=None: int(room))
+    result = run_trial(samples, ["nivolumab"], GRID, WEEK_H, lead_in_h=WEEK_H, chunk_size=None,
+                       dt_max=DT_MAX, integrators=shared_integrators)
+    assert result.chunk_sizes == {1: 2}
+    assert [chunk["patient_arms"] for chunk in result.chunks] == [2, 1]
 
 
 def _advance_stopping_at(call: int):
@@ -778,7 +961,7 @@ def test_melanoma_trial_orders_the_arms_and_the_biomarkers(tmp_path):
     """The orderings issue 5 asks of the melanoma preset, at the parameter table's
     values (nothing tuned to CheckMate 067): ORR ipilimumab < nivolumab <
     nivolumab+ipilimumab; on the combination, TMB-high and inflamed largest lesions
-    respond at least as often as TMB-low and desert ones, and irAE-positive
+    respond at least as often as TMB-low, excluded and desert ones, and irAE-positive
     patients at least as often as irAE-negative ones."""
     out = tmp_path / "melanoma"
     assert main([*MELANOMA_TRIAL, f"hydra.run.dir={out}"]) == 0
@@ -790,7 +973,11 @@ def test_melanoma_trial_orders_the_arms_and_the_biomarkers(tmp_path):
     tmb = summary["biomarkers"]["tmb"]["arms"][combination]
     assert tmb["high"]["rate"] >= tmb["low"]["rate"], tmb
     phenotype = summary["biomarkers"]["phenotype"]["arms"][combination]
+    assert phenotype["inflamed"]["rate"] >= phenotype["excluded"]["rate"], phenotype
     assert phenotype["inflamed"]["rate"] >= phenotype["desert"]["rate"], phenotype
     irae = summary["per_arm"][combination]["irae"]
     assert irae["orr_positive"]["n"] > 0 and irae["orr_negative"]["n"] > 0, irae
     assert irae["orr_positive"]["rate"] >= irae["orr_negative"]["rate"], irae
+    assert irae["association"] == "reproduced"
+    report = (out / "report.txt").read_text()
+    assert f"{combination}: irAE-positive patients respond at least as often" in report

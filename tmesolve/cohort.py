@@ -1210,6 +1210,32 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _irae_association(irae: Mapping[str, Any]) -> str:
+    """Whether irAE-positive patients respond at least as often as irAE-negative ones.
+
+    "reproduced" (ORR among irAE+ ≥ ORR among irAE−, the clinical association), "not
+    reproduced", or "untestable" when either group is empty.
+    """
+    positive, negative = irae["orr_positive"], irae["orr_negative"]
+    if positive["n"] == 0 or negative["n"] == 0:
+        return "untestable"
+    return "reproduced" if positive["rate"] >= negative["rate"] else "not reproduced"
+
+
+def _duration_of_response(outcomes: Sequence[PatientOutcome], fitter_class) -> dict[str, Any]:
+    """Duration of response over the responders (CR/PR): Kaplan–Meier median, with a
+    response still holding at the last scan censored there."""
+    responders = [o for o in outcomes if _responded(o)]
+    entry: dict[str, Any] = {"responders": len(responders), "events": 0, "median_h": None}
+    if responders:
+        durations = np.asarray([o.duration_of_response_h for o in responders], dtype=float)
+        events = np.asarray([not o.response_censored for o in responders], dtype=bool)
+        fitter = fitter_class().fit(durations, events, alpha=0.05)
+        entry["events"] = int(events.sum())
+        entry["median_h"] = _finite_or_none(float(fitter.median_survival_time_))
+    return entry
+
+
 def _spread(result: TrialResult, arms: Sequence[str]) -> dict[str, float]:
     """Min, median and max of the baseline PD-L1 over the cohort (first arm; the
     baseline is the end of the untreated lead-in, the same in every arm)."""
@@ -1286,12 +1312,14 @@ def summarize_trial(
                 "orr_positive": _rate_by(outcomes, irae, [True])["True"],
                 "orr_negative": _rate_by(outcomes, irae, [False])["False"],
             },
+            "duration_of_response": _duration_of_response(outcomes, KaplanMeierFitter),
             "therapy_held": int(sum(o.therapy_held for o in outcomes)),
             "therapy_resumed": int(sum(o.therapy_resumed for o in outcomes)),
             "therapy_discontinued": int(sum(o.therapy_discontinued for o in outcomes)),
             "durable_cr": int(sum(o.durable_cr for o in outcomes)),
             "touched_wall": int(sum(o.touched_wall for o in outcomes)),
         }
+        per_arm[arm]["irae"]["association"] = _irae_association(per_arm[arm]["irae"])
 
     logrank: dict[str, Any] = {
         "p_value": math.nan,
@@ -1359,6 +1387,11 @@ def summarize_trial(
             "phenotype": "sampled phenotype of the largest lesion "
             "(baseline_class: its classifier reading at baseline)",
             "irae_positive": f"max irAE grade >= {irae_grade}",
+            "irae_association": "reproduced: ORR among irAE-positive >= ORR among irAE-negative "
+            "(as seen clinically); untestable when either group is empty",
+            "duration_of_response": "first CR/PR to PD among responders; Kaplan-Meier median, "
+            "a response holding at the last scan censored there",
+            "durable_cr": f"a CR held >= durable_cr_h ({result.durable_cr_h:g} h)",
             "logrank": "arms treated as independent samples (the design is paired)",
         },
     }
@@ -1435,6 +1468,18 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
         "THESE ARE MODEL OUTPUTS OF AN UNCALIBRATED VIRTUAL COHORT, not predictions of clinical "
         "efficacy; the model has not been fitted to any trial."
     )
+    overrides = result.settings.get("parameters") or {}
+    lines.append(
+        "Tuned: r_C, k_kill, k_in and rho_PDL1, on single lesions for the presets' immune "
+        "classes (docs/model.md, 'Calibration in 3-D'); every other default is the parameter "
+        "table's"
+        + (
+            "; set in this run: " + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+            if overrides
+            else ""
+        )
+        + "."
+    )
     grid = result.grid
     lines.append(
         f"Grid {'x'.join(map(str, grid.shape))} voxels of {grid.spacing_um:g} um per lesion; "
@@ -1487,6 +1532,31 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
                     f"    {pair['arms'][0]} vs {pair['arms'][1]}: p = {pair['p_value']:.3g}"
                 )
     lines.append("")
+    durable_wk = result.durable_cr_h / _WEEK_H
+    lines.append(
+        "Duration of response (responders; first CR/PR to PD, censored at the last scan) "
+        f"and durable CR (a CR held >= {durable_wk:.4g} wk)"
+    )
+    for arm in result.arms:
+        entry = summary["per_arm"][arm]
+        response = entry["duration_of_response"]
+        if response["responders"] == 0:
+            duration = "no responders"
+        else:
+            median = response["median_h"]
+            median = "not reached" if median is None else f"{median / _WEEK_H:.1f} wk"
+            duration = (
+                f"{response['responders']} responders, median {median}, "
+                f"{response['events']} progressed"
+            )
+        lines.append(f"  {arm}: {duration}; durable CR in {entry['durable_cr']}")
+    if result.durable_cr_h > result.duration_h:
+        lines.append(
+            f"  (no CR can be durable here: {result.duration_h / _WEEK_H:g} wk of follow-up "
+            f"is shorter than the {durable_wk:.4g} wk a durable CR must hold; "
+            "set trial.durable_cr_weeks or trial.weeks)"
+        )
+    lines.append("")
     biomarkers = summary["biomarkers"]
     lines.append(
         f"ORR by biomarker (TMB-high: patient TMB >= {biomarkers['tmb']['cut']:g} mut/Mb; "
@@ -1530,6 +1600,17 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
             f"(resumed in {entry['therapy_resumed']}, "
             f"discontinued in {entry['therapy_discontinued']})"
         )
+    association = {
+        "reproduced": "irAE-positive patients respond at least as often as irAE-negative ones, "
+        "as seen clinically",
+        "not reproduced": "irAE-positive patients respond LESS often than irAE-negative ones: "
+        "the clinical association is not reproduced",
+        "untestable": "no irAE-positive or no irAE-negative patients: the association "
+        "cannot be tested",
+    }
+    for arm in result.arms:
+        verdict = summary["per_arm"][arm]["irae"]["association"]
+        lines.append(f"  {arm}: {association[verdict]}")
     walls = sum(summary["per_arm"][arm]["touched_wall"] for arm in result.arms)
     if walls:
         lines.append("")
@@ -1587,6 +1668,14 @@ def _summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         add("irae", arm, "all", "therapy_held", value=entry["therapy_held"])
         add("irae", arm, "all", "therapy_resumed", value=entry["therapy_resumed"])
         add("irae", arm, "all", "therapy_discontinued", value=entry["therapy_discontinued"])
+        add("irae", arm, "all", "irae_association", value=entry["irae"]["association"])
+        response = entry["duration_of_response"]
+        if response["responders"]:  # "inf": not reached; no row without responders
+            median = response["median_h"]
+            add("response", arm, "responders", "median_duration_of_response_h",
+                value="inf" if median is None else median)
+        add("response", arm, "responders", "responses_progressed", value=response["events"])
+        add("response", arm, "all", "durable_cr", value=entry["durable_cr"])
     logrank = summary["logrank"]
     if logrank["test"] != "none":
         add("pfs", "all", logrank["test"], "logrank_p", value=logrank["p_value"])
