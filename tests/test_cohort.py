@@ -162,37 +162,69 @@ def test_wilson_interval_matches_a_worked_value():
 
 
 def _hand_made_trial() -> TrialResult:
-    """Six patients of one lesion each in two arms, with outcomes set by hand (no
+    """Six patients of one lesion each in four arms, with outcomes set by hand (no
     simulation), so that every summary figure can be counted on paper.
 
-    nivolumab (per patient: TMB, phenotype, baseline PD-L1, irAE grade, best response,
-    PFS weeks and event, duration of response weeks and whether it was censored):
-      P1 20 inflamed 0.6 g3 CR 24 -  DoR 18 censored, durable
-      P2 15 inflamed 0.2 g2 PR 18 PD DoR 12 progressed
-      P3 12 excluded 0.7 g0 SD 24 -
-      P4  5 excluded 0.1 g1 PR 12 -  DoR 12 censored (last scan at 12 weeks)
-      P5  3 desert   0.1 g0 PD  6 PD
-      P6  2 desert   0.3 g2 PD  6 PD
-    ipilimumab: P1 and P2 PR (PFS 20 and 16 weeks, DoR 14 and 8, both progressed),
-    the rest PD at 6 weeks; no irAE.
+    Therapy starts after a 2-week lead-in; scans at weeks 6, 12, 18 and 24 of therapy.
+    Patients (TMB mut/Mb, phenotype of the largest lesion, baseline PD-L1):
+    P1 20 inflamed 0.6, P2 15 inflamed 0.2, P3 12 excluded 0.7, P4 5 excluded 0.1,
+    P5 3 desert 0.1, P6 2 desert 0.3. Per arm and patient: irAE grade, best response,
+    PFS (weeks, PD seen?), duration of response (weeks, still holding at the last scan?),
+    durable CR (a CR held >= 12 weeks):
+
+    nivolumab:  P1 g3 CR from wk 6, held to 24 (PFS 24 censored; DoR 18 censored; durable)
+                P2 g2 PR at 6, PD at 18 (PFS 18; DoR 12)   P3 g0 SD, PD at 18 (PFS 18)
+                P4 g1 PR at 6, held (PFS 24 censored; DoR 18 censored)
+                P5 g0 PD at 6   P6 g2 PD at 6
+    ipilimumab: no irAE; P1 PR at 6, PD at 18 (DoR 12); P2 PR at 12, PD at 18 (DoR 6);
+                the rest PD at 6
+    nivolumab_ipilimumab: P1 g3 and P2 g2 PD at 6; P3 g0 PR at 6, held (DoR 18
+                censored); P4 g0 SD to 24; P5, P6 g0 PD at 6
+    none:       everyone PD at 6; P1 g2, the rest g0
     """
     week = WEEK_H
-    table = [
-        ("P001", 20.0, "inflamed", 0.6, 3, "CR", 24, False, 18, True, True),
-        ("P002", 15.0, "inflamed", 0.2, 2, "PR", 18, True, 12, False, False),
-        ("P003", 12.0, "excluded", 0.7, 0, "SD", 24, False, math.nan, False, False),
-        ("P004", 5.0, "excluded", 0.1, 1, "PR", 12, False, 12, True, False),
-        ("P005", 3.0, "desert", 0.1, 0, "PD", 6, True, math.nan, False, False),
-        ("P006", 2.0, "desert", 0.3, 2, "PD", 6, True, math.nan, False, False),
+    patients = [
+        ("P001", 20.0, "inflamed", 0.6),
+        ("P002", 15.0, "inflamed", 0.2),
+        ("P003", 12.0, "excluded", 0.7),
+        ("P004", 5.0, "excluded", 0.1),
+        ("P005", 3.0, "desert", 0.1),
+        ("P006", 2.0, "desert", 0.3),
     ]
+    progressed = (0, "PD", 6, True, math.nan, False, False)
+    # (grade, best response, PFS weeks, PD seen, DoR weeks, DoR censored, durable CR)
+    arms = {
+        "nivolumab": [
+            (3, "CR", 24, False, 18, True, True),
+            (2, "PR", 18, True, 12, False, False),
+            (0, "SD", 18, True, math.nan, False, False),
+            (1, "PR", 24, False, 18, True, False),
+            progressed,
+            (2, "PD", 6, True, math.nan, False, False),
+        ],
+        "ipilimumab": [
+            (0, "PR", 18, True, 12, False, False),
+            (0, "PR", 18, True, 6, False, False),
+            *[progressed] * 4,
+        ],
+        "nivolumab_ipilimumab": [
+            (3, "PD", 6, True, math.nan, False, False),
+            (2, "PD", 6, True, math.nan, False, False),
+            (0, "PR", 24, False, 18, True, False),
+            (0, "SD", 24, False, math.nan, False, False),
+            progressed,
+            progressed,
+        ],
+        "none": [(2, "PD", 6, True, math.nan, False, False), *[progressed] * 5],
+    }
     samples = tuple(
-        PatientSample(pid, seed=i, tmb=tmb, lesions=(
-            LesionSample(phenotype, tmb, 0.1, 300.0, None),))
-        for i, (pid, tmb, phenotype, *_rest) in enumerate(table)
+        PatientSample(pid, seed=i, tmb=tmb,
+                      lesions=(LesionSample(phenotype, tmb, 0.1, 300.0, None),))
+        for i, (pid, tmb, phenotype, _pdl1) in enumerate(patients)
     )
 
-    def outcome(pid, arm, pdl1, phenotype, grade, best, pfs_wk, event, dor_wk, censored,
-                durable):
+    def outcome(patient, arm, grade, best, pfs_wk, event, dor_wk, censored, durable):
+        pid, _tmb, phenotype, pdl1 = patient
         return PatientOutcome(
             patient_id=pid, arm=arm, recist_diameter="burden_diameter_mm",
             baseline_sum_mm=20.0, best_response=best, best_percent_change=0.0,
@@ -203,31 +235,23 @@ def _hand_made_trial() -> TrialResult:
             baseline_pdl1=pdl1, baseline_class=phenotype, touched_wall=False,
         )
 
-    nivolumab = [
-        outcome(pid, "nivolumab", pdl1, phenotype, grade, best, pfs, event, dor, censored,
-                durable)
-        for pid, _tmb, phenotype, pdl1, grade, best, pfs, event, dor, censored, durable in table
-    ]
-    ipilimumab_rows = {"P001": ("PR", 20, True, 14), "P002": ("PR", 16, True, 8)}
-    ipilimumab = []
-    for pid, _tmb, phenotype, pdl1, *_rest in table:
-        best, pfs, event, dor = ipilimumab_rows.get(pid, ("PD", 6, True, math.nan))
-        ipilimumab.append(
-            outcome(pid, "ipilimumab", pdl1, phenotype, 0, best, pfs, event, dor, False, False)
-        )
+    outcomes = {
+        arm: [outcome(patient, arm, *row) for patient, row in zip(patients, rows)]
+        for arm, rows in arms.items()
+    }
     return TrialResult(
-        samples=samples, arms=("nivolumab", "ipilimumab"), grid=GRID, lead_in_h=2 * week,
+        samples=samples, arms=tuple(arms), grid=GRID, lead_in_h=2 * week,
         duration_h=24 * week, assessment_interval_h=6 * week, durable_cr_h=12 * week,
         first_assessment_h=6 * week, record_times_h=np.zeros(1), stop_times_h=np.zeros(1),
-        assessment_times_h=np.arange(1, 5) * 6 * week + 2 * week,
-        outcomes={"nivolumab": nivolumab, "ipilimumab": ipilimumab},
-        records={"nivolumab": [], "ipilimumab": []}, trace_counts={1: 1}, chunk_sizes={1: 6},
-        settings={"dtype": "float32", "dt_max_h": 1.0, "backend": "cpu"}, wall_time_s=0.0,
+        assessment_times_h=(2 + np.array([6.0, 12.0, 18.0, 24.0])) * week,
+        outcomes=outcomes, records={arm: [] for arm in arms}, trace_counts={1: 1},
+        chunk_sizes={1: 6}, settings={"dtype": "float32", "dt_max_h": 1.0, "backend": "cpu"},
+        wall_time_s=0.0,
     )
 
 
 def test_summary_counts_and_report_match_a_hand_made_trial():
-    """Every rate of the summary, counted on paper for :func:`_hand_made_trial`."""
+    """Every figure of the summary, counted on paper for :func:`_hand_made_trial`."""
     result = _hand_made_trial()
     summary = summarize_trial(result)
     arm = summary["per_arm"]["nivolumab"]
@@ -238,22 +262,22 @@ def test_summary_counts_and_report_match_a_hand_made_trial():
     assert arm["counts"] == {"CR": 1, "PR": 2, "SD": 1, "PD": 2, "NE": 0}
     assert count(arm["orr"]) == (3, 6) and count(arm["cr_rate"]) == (1, 6)
     assert count(arm["dcr"]) == (4, 6)
-    # PFS, Kaplan–Meier: S(6 wk) = 4/6; P4 censored at 12; S(18 wk) = 4/6 × 2/3 = 4/9
-    # → median 18 weeks.
-    assert arm["pfs"]["events"] == 3
+    # PFS, Kaplan–Meier: S(6 wk) = 4/6; at 18 weeks 2 of the 4 at risk progress,
+    # S = 4/6 × 2/4 = 1/3 → median 18 weeks.
+    assert arm["pfs"]["events"] == 4
     assert arm["pfs"]["median_h"] == pytest.approx(18 * WEEK_H)
     survival = dict(zip(arm["pfs"]["km"]["time_h"], arm["pfs"]["km"]["survival"]))
     assert survival[6 * WEEK_H] == pytest.approx(4 / 6)
-    assert survival[18 * WEEK_H] == pytest.approx(4 / 9)
-    # Duration of response: P2 progresses at 12 weeks (3 at risk), P4 and P1 are censored,
-    # so S stays at 2/3 and the median is not reached.
+    assert survival[18 * WEEK_H] == pytest.approx(1 / 3)
+    # Duration of response: P2 ends at 12 weeks (3 at risk), P1 and P4 are censored at
+    # 18, so S stays at 2/3 and the median is not reached. Counting an ongoing response
+    # as an event would give 3 events and a median of 18 weeks.
     assert arm["duration_of_response"] == {"responders": 3, "events": 1, "median_h": None}
     assert arm["durable_cr"] == 1 and arm["therapy_held"] == 1
     # irAE-positive (grade >= 2): P1, P2, P6 → 2/3 respond; irAE-negative P3, P4, P5 → 1/3.
     assert count(arm["irae"]["rate"]) == (3, 6)
     assert count(arm["irae"]["orr_positive"]) == (2, 3)
     assert count(arm["irae"]["orr_negative"]) == (1, 3)
-    assert arm["irae"]["association"] == "reproduced"
     biomarkers = summary["biomarkers"]
     tmb = biomarkers["tmb"]["arms"]["nivolumab"]  # TMB >= 10: P1, P2, P3
     assert count(tmb["high"]) == (2, 3) and count(tmb["low"]) == (1, 3)
@@ -263,37 +287,54 @@ def test_summary_counts_and_report_match_a_hand_made_trial():
     assert [count(phenotype[p]) for p in PHENOTYPES] == [(2, 2), (1, 2), (0, 2)]
     assert biomarkers["baseline_class"]["arms"]["nivolumab"] == phenotype
 
-    other = summary["per_arm"]["ipilimumab"]
-    assert count(other["orr"]) == (2, 6) and count(other["dcr"]) == (2, 6)
-    # Both responses progress, at 8 and 14 weeks: S(8) = 1/2 → median 8 weeks.
-    assert other["duration_of_response"] == {
-        "responders": 2, "events": 2, "median_h": pytest.approx(8 * WEEK_H)}
-    assert other["irae"]["association"] == "untestable"  # nobody irAE-positive
-    assert summary["logrank"]["test"] == "logrank" and summary["logrank"]["p_value"] < 0.5
+    per_arm = summary["per_arm"]
+    assert count(per_arm["ipilimumab"]["orr"]) == (2, 6)
+    # Both ipilimumab responses end, at 6 and 12 weeks: S(6) = 1/2 → median 6 weeks.
+    assert per_arm["ipilimumab"]["duration_of_response"] == {
+        "responders": 2, "events": 2, "median_h": pytest.approx(6 * WEEK_H)}
+    assert per_arm["none"]["duration_of_response"] == {
+        "responders": 0, "events": 0, "median_h": None}
+    # irAE verdicts: irAE+ 2/3 ≥ irAE− 1/3; nobody irAE-positive; irAE+ 0/2 < irAE− 1/4;
+    # nobody responded (0/1 against 0/5 says nothing).
+    verdicts = {name: entry["irae"]["association"] for name, entry in per_arm.items()}
+    assert verdicts == {"nivolumab": "reproduced", "ipilimumab": "untestable",
+                        "nivolumab_ipilimumab": "not reproduced", "none": "untestable"}
+    assert summary["logrank"]["test"] == "multivariate_logrank"
+    assert len(summary["logrank"]["pairwise"]) == 3
 
     rows = {(r["section"], r["arm"], r["group"], r["metric"]): r
             for r in cohort_module._summary_rows(summary)}
     assert rows[("response", "nivolumab", "all", "dcr")]["count"] == 4
-    assert rows[("response", "nivolumab", "responders", "median_duration_of_response_h")][
-        "value"] == "inf"
-    assert rows[("response", "ipilimumab", "responders", "median_duration_of_response_h")][
-        "value"] == pytest.approx(8 * WEEK_H)
-    assert rows[("irae", "ipilimumab", "all", "irae_association")]["value"] == "untestable"
+    median_dor = {name: rows[("response", name, "responders", "median_duration_of_response_h")][
+        "value"] for name in per_arm}
+    assert median_dor == {"nivolumab": "inf", "ipilimumab": pytest.approx(6 * WEEK_H),
+                          "nivolumab_ipilimumab": "inf", "none": ""}
+    assert rows[("irae", "nivolumab_ipilimumab", "all", "irae_association")]["value"] == (
+        "not reproduced")
 
-    report = cohort_module._report(result, summary, None)
-    assert "nivolumab: 3 responders, median not reached, 1 progressed; durable CR in 1" in report
-    assert "ipilimumab: 2 responders, median 8.0 wk, 2 progressed; durable CR in 0" in report
-    assert "nivolumab: irAE-positive patients respond at least as often" in report
-    assert "ipilimumab: no irAE-positive or no irAE-negative patients" in report
-    assert "no CR can be durable" not in report
-    assert "Tuned: r_C, k_kill, k_in and rho_PDL1" in report and "set in this run" not in report
-    overridden = dataclasses.replace(result, settings={**result.settings,
-                                                       "parameters": {"k_kill": 0.2}})
-    assert "set in this run: k_kill=0.2." in cohort_module._report(overridden, summary, None)
-    # The default 5-year window cannot be met in 24 weeks, and the report says so.
-    longer = dataclasses.replace(result, durable_cr_h=5 * 365.25 * 24.0)
-    assert "no CR can be durable here: 24 wk of follow-up" in cohort_module._report(
-        longer, summarize_trial(longer), None)
+    lines = [line.strip() for line in cohort_module._report(result, summary, None).splitlines()]
+    for expected in (
+        "nivolumab: 3 responders, median not reached, 1 progressed; durable CR in 1",
+        "ipilimumab: 2 responders, median 6.0 wk, 2 progressed; durable CR in 0",
+        "none: no responders; durable CR in 0",
+        "nivolumab: irAE-positive patients respond at least as often as irAE-negative",
+        "nivolumab_ipilimumab: irAE-positive patients respond LESS often",
+        "ipilimumab: no irAE-positive or no irAE-negative patients, or no responders",
+        "none: no irAE-positive or no irAE-negative patients, or no responders",
+        "Tuned: r_C, k_kill, k_in and rho_PDL1",
+    ):
+        assert any(line.startswith(expected) for line in lines), expected
+    report = "\n".join(lines)
+    assert "no CR can be durable" not in report and "set in this run" not in report
+    # The scans span weeks 6 to 24: a CR held at every one of them lasts 18 weeks, so a
+    # 20-week window (shorter than the 24 weeks of therapy) cannot be met.
+    longer = dataclasses.replace(result, durable_cr_h=20 * WEEK_H)
+    assert "no CR can be durable here: the scans span 18 wk, less than the 20 wk" in (
+        cohort_module._report(longer, summarize_trial(longer), None))
+    overridden = dataclasses.replace(
+        result, settings={**result.settings, "parameters": {"k_kill": 0.2, "D_T": 600.0}})
+    assert "set in this run: D_T=600 um^2/h, k_kill=0.2 1/h." in cohort_module._report(
+        overridden, summary, None)
 
 
 # ---------------------------------------------------------------------------
@@ -544,22 +585,39 @@ class _Accelerator:
         return self.stats
 
 
-def test_chunk_size_comes_from_the_free_memory(monkeypatch, shared_integrators):
+def test_chunk_size_comes_from_the_free_memory(monkeypatch, tmp_path, shared_integrators):
     """⌊½ × free / (16 × state bytes)⌋ patient-arms per chunk, between 1 and the group
-    size; free memory from the device's statistics, else the host's free pages."""
+    size; free memory from the device's statistics, else the host's MemAvailable, else
+    its free pages, else 4 GiB."""
     gpu = _Accelerator({"bytes_limit": 80 * 10**9, "bytes_in_use": 16 * 10**9})
     assert cohort_module.available_memory_bytes(gpu) == 64 * 10**9
     assert cohort_module.choose_chunk_size(10**6, 10**6, gpu) == 2000  # 32 GB / 16 MB
     assert cohort_module.choose_chunk_size(10**6, 12, gpu) == 12
     assert cohort_module.choose_chunk_size(10**6, 12, _Accelerator({"bytes_limit": 10**6})) == 1
-    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for device in (_Accelerator(RuntimeError("no statistics")), _Accelerator(None),
-                   jax.devices("cpu")[0]):
-        # Free host memory moves while the suite runs; 20 % is far from any other source.
-        assert cohort_module.available_memory_bytes(device) == pytest.approx(host, rel=0.2)
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       4096 kB\nMemFree:         512 kB\n"
+                       "MemAvailable:   2048 kB\n")
+    monkeypatch.setattr(cohort_module, "MEMINFO_PATH", str(meminfo))
+    pages = {"SC_AVPHYS_PAGES": 100, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(cohort_module.os, "sysconf", lambda name: pages[name])
+    cpu = jax.devices("cpu")[0]
+    for device in (cpu, _Accelerator(RuntimeError("no statistics")), _Accelerator(None)):
+        assert cohort_module.available_memory_bytes(device) == 2048 * 1024
+    meminfo.write_text("MemTotal:       4096 kB\nMemFree:         512 kB\n")  # an old kernel
+    assert cohort_module.available_memory_bytes(cpu) == 100 * 4096
+    monkeypatch.setattr(cohort_module, "MEMINFO_PATH", str(tmp_path / "absent"))
+    assert cohort_module.available_memory_bytes(cpu) == 100 * 4096
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(cohort_module.os, "sysconf", no_sysconf)
+    assert cohort_module.available_memory_bytes(cpu) == cohort_module.FALLBACK_MEMORY_BYTES
+    monkeypatch.undo()
 
     # run_trial without a chunk size takes it from there: room for 2.5 patient-arms
-    # gives chunks of 2 (the 1-lesion loop compiled above for chunks of 2).
+    # gives chunks of 2 (in file order, the 1-lesion loop is already compiled for 2).
     samples = sample_cohort(small_spec(3, seed=7, name="chunked", lesions_max=1))
     first = setup_tme(GRID, samples[0].lesion_specs(), therapy="nivolumab",
                       seed=samples[0].seed)

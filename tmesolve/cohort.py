@@ -67,6 +67,7 @@ from tmesolve.executable_cache import jaxlib_version, source_digest
 from tmesolve.geometry import PHENOTYPES
 from tmesolve.grid import Grid
 from tmesolve.integrate import BatchIntegrator, SimulationError, make_solver_params
+from tmesolve.model.parameters import TABLE as PARAMETER_TABLE
 from tmesolve.model.tme_setup import (
     ASSESSMENT_INTERVAL_H,
     MAX_LESIONS,
@@ -132,6 +133,8 @@ WORKING_SET_FACTOR = 16.0
 MEMORY_FRACTION = 0.5
 #: Assumed free memory where the platform reports none (bytes).
 FALLBACK_MEMORY_BYTES = 4 * 1024**3
+#: The Linux file whose ``MemAvailable`` line gives the host's available memory.
+MEMINFO_PATH = "/proc/meminfo"
 
 
 # ---------------------------------------------------------------------------
@@ -476,8 +479,11 @@ def available_memory_bytes(device: Any = None) -> int:
     """Free memory of the device that runs the trial (bytes).
 
     GPU/TPU: ``bytes_limit − bytes_in_use`` from ``device.memory_stats()`` when the
-    backend reports it; CPU (or no statistics): the host's available physical
-    pages (``os.sysconf``), else :data:`FALLBACK_MEMORY_BYTES`.
+    backend reports it. CPU (or no statistics): the host's ``MemAvailable`` from
+    :data:`MEMINFO_PATH` (Linux; free pages plus the page cache the kernel can
+    reclaim, so a node whose cache is full of input files is not taken for a full
+    one), else the free physical pages (``os.sysconf``), else
+    :data:`FALLBACK_MEMORY_BYTES`.
     """
     device = jax.devices()[0] if device is None else device
     if device.platform != "cpu":
@@ -487,6 +493,13 @@ def available_memory_bytes(device: Any = None) -> int:
             stats = None
         if stats and "bytes_limit" in stats:
             return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open(MEMINFO_PATH, encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
@@ -1214,10 +1227,11 @@ def _irae_association(irae: Mapping[str, Any]) -> str:
     """Whether irAE-positive patients respond at least as often as irAE-negative ones.
 
     "reproduced" (ORR among irAE+ ≥ ORR among irAE−, the clinical association), "not
-    reproduced", or "untestable" when either group is empty.
+    reproduced", or "untestable" when either group is empty or nobody responded (0/n
+    against 0/m says nothing about the association).
     """
     positive, negative = irae["orr_positive"], irae["orr_negative"]
-    if positive["n"] == 0 or negative["n"] == 0:
+    if positive["n"] == 0 or negative["n"] == 0 or positive["count"] + negative["count"] == 0:
         return "untestable"
     return "reproduced" if positive["rate"] >= negative["rate"] else "not reproduced"
 
@@ -1388,9 +1402,10 @@ def summarize_trial(
             "(baseline_class: its classifier reading at baseline)",
             "irae_positive": f"max irAE grade >= {irae_grade}",
             "irae_association": "reproduced: ORR among irAE-positive >= ORR among irAE-negative "
-            "(as seen clinically); untestable when either group is empty",
-            "duration_of_response": "first CR/PR to PD among responders; Kaplan-Meier median, "
-            "a response holding at the last scan censored there",
+            "(as seen clinically); untestable when either group is empty or nobody responded",
+            "duration_of_response": "first CR/PR to PD among responders; Kaplan-Meier median "
+            "(lifelines: the first time S <= 0.5), a response holding at the last scan "
+            "censored there",
             "durable_cr": f"a CR held >= durable_cr_h ({result.durable_cr_h:g} h)",
             "logrank": "arms treated as independent samples (the design is paired)",
         },
@@ -1457,6 +1472,15 @@ def _format_rate(rate: Mapping[str, float]) -> str:
     )
 
 
+def _override_text(symbol: str, value: Any) -> str:
+    """``symbol=value units`` of a parameter set in the run (core units, as stored)."""
+    parameter = PARAMETER_TABLE.get(symbol)
+    if parameter is None or not isinstance(value, (int, float)):
+        return f"{symbol}={value}"
+    units = "" if parameter.units == "1" else f" {parameter.units}"
+    return f"{symbol}={value:g}{units}"
+
+
 def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec | None) -> str:
     lines = []
     name = cohort.name if cohort is not None else "cohort"
@@ -1471,10 +1495,10 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
     overrides = result.settings.get("parameters") or {}
     lines.append(
         "Tuned: r_C, k_kill, k_in and rho_PDL1, on single lesions for the presets' immune "
-        "classes (docs/model.md, 'Calibration in 3-D'); every other default is the parameter "
-        "table's"
+        "classes and a hot lesion's partial response (docs/model.md, 'Calibration in 3-D'); "
+        "every other default is the parameter table's"
         + (
-            "; set in this run: " + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+            "; set in this run: " + ", ".join(_override_text(k, v) for k, v in sorted(overrides.items()))
             if overrides
             else ""
         )
@@ -1550,10 +1574,14 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
                 f"{response['events']} progressed"
             )
         lines.append(f"  {arm}: {duration}; durable CR in {entry['durable_cr']}")
-    if result.durable_cr_h > result.duration_h:
+    # A CR is timed from its first CR scan to its last, so the longest one a trial can
+    # show spans its first to its last scan.
+    scans = result.assessment_times_h
+    longest_cr_h = float(scans[-1] - scans[0]) if len(scans) else 0.0
+    if result.durable_cr_h > longest_cr_h * (1.0 + 1e-12):
         lines.append(
-            f"  (no CR can be durable here: {result.duration_h / _WEEK_H:g} wk of follow-up "
-            f"is shorter than the {durable_wk:.4g} wk a durable CR must hold; "
+            f"  (no CR can be durable here: the scans span {longest_cr_h / _WEEK_H:.4g} wk, "
+            f"less than the {durable_wk:.4g} wk a durable CR must hold; "
             "set trial.durable_cr_weeks or trial.weeks)"
         )
     lines.append("")
@@ -1605,8 +1633,8 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
         "as seen clinically",
         "not reproduced": "irAE-positive patients respond LESS often than irAE-negative ones: "
         "the clinical association is not reproduced",
-        "untestable": "no irAE-positive or no irAE-negative patients: the association "
-        "cannot be tested",
+        "untestable": "no irAE-positive or no irAE-negative patients, or no responders: the "
+        "association cannot be tested",
     }
     for arm in result.arms:
         verdict = summary["per_arm"][arm]["irae"]["association"]
@@ -1670,10 +1698,9 @@ def _summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         add("irae", arm, "all", "therapy_discontinued", value=entry["therapy_discontinued"])
         add("irae", arm, "all", "irae_association", value=entry["irae"]["association"])
         response = entry["duration_of_response"]
-        if response["responders"]:  # "inf": not reached; no row without responders
-            median = response["median_h"]
-            add("response", arm, "responders", "median_duration_of_response_h",
-                value="inf" if median is None else median)
+        median = response["median_h"]  # "inf": not reached; "": no responders
+        add("response", arm, "responders", "median_duration_of_response_h",
+            value="" if not response["responders"] else "inf" if median is None else median)
         add("response", arm, "responders", "responses_progressed", value=response["events"])
         add("response", arm, "all", "durable_cr", value=entry["durable_cr"])
     logrank = summary["logrank"]
