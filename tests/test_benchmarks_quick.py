@@ -121,6 +121,27 @@ def test_cohort_batch_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_cohort_chunks_benchmark_times_compiled_chunks(tmp_path):
+    """The chunk-size scan times each chunk size with its loop already compiled and
+    reports ratios to the first size and the size run_trial would pick."""
+    out = tmp_path / "chunks.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cohort_chunks", "--shape", "6", "--lesions", "1",
+         "--chunks", "1", "2", "--hours", "2", "--out", str(out)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["chunks"]
+    assert [row["chunk"] for row in rows] == [1, 2]
+    assert all(row["compiles"] == 0 and row["steps"] > 0 for row in rows)  # compiled before timing
+    assert rows[0]["wall_ratio_to_first"] == 1.0 and positive(rows[1]["cpu_ratio_to_first"])
+    assert rows[1]["wall_ms_per_patient_step"] == pytest.approx(
+        1e3 * rows[1]["wall_s"] / (rows[1]["steps"] * 2))
+    # A 6³ patient is ~14 kB: memory and the CPU cap allow far more than the 2 asked for.
+    assert report["automatic_chunk"] == 2 and report["case"]["state_bytes_per_patient"] > 0
+
+
+@pytest.mark.slow
 def test_largest_lesion_probe_runs_a_small_lesion(tmp_path):
     """The probe tries sizes largest first in fresh processes and stops at the first that runs."""
     out = tmp_path / "largest.json"

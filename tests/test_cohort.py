@@ -587,8 +587,8 @@ class _Accelerator:
 
 def test_chunk_size_comes_from_the_free_memory(monkeypatch, tmp_path, shared_integrators):
     """⌊½ × free / (16 × state bytes)⌋ patient-arms per chunk, between 1 and the group
-    size; free memory from the device's statistics, else the host's MemAvailable, else
-    its free pages, else 4 GiB."""
+    size, and on a CPU at most 16 MiB of state; free memory from the device's
+    statistics, else the host's MemAvailable, else its free pages, else 4 GiB."""
     gpu = _Accelerator({"bytes_limit": 80 * 10**9, "bytes_in_use": 16 * 10**9})
     assert cohort_module.available_memory_bytes(gpu) == 64 * 10**9
     assert cohort_module.choose_chunk_size(10**6, 10**6, gpu) == 2000  # 32 GB / 16 MB
@@ -614,6 +614,20 @@ def test_chunk_size_comes_from_the_free_memory(monkeypatch, tmp_path, shared_int
 
     monkeypatch.setattr(cohort_module.os, "sysconf", no_sysconf)
     assert cohort_module.available_memory_bytes(cpu) == cohort_module.FALLBACK_MEMORY_BYTES
+    monkeypatch.undo()
+
+    # On a CPU a chunk also holds at most 4 MiB of state or 4 patient-arms, whichever
+    # is more, whatever the memory: 8³ × 2 lesions (64 kiB a patient) 64 at a time,
+    # 32³ × 3 (6 MiB) 4 at a time; the memory bound still applies below that; an
+    # accelerator is bound by its memory only.
+    monkeypatch.setattr(cohort_module, "available_memory_bytes", lambda device=None: 10**12)
+    assert (cohort_module.CPU_CHUNK_STATE_BYTES, cohort_module.CPU_CHUNK_MIN) == (4 * 2**20, 4)
+    assert cohort_module.choose_chunk_size(64 * 2**10, 1000, cpu) == 64
+    assert cohort_module.choose_chunk_size(6 * 2**20, 64, cpu) == 4
+    assert cohort_module.choose_chunk_size(6 * 2**20, 3, cpu) == 3
+    assert cohort_module.choose_chunk_size(6 * 2**20, 64, gpu) == 64
+    monkeypatch.setattr(cohort_module, "available_memory_bytes", lambda device=None: 2**30)
+    assert cohort_module.choose_chunk_size(16 * 2**20, 64, cpu) == 2  # ½ GiB / 256 MiB
     monkeypatch.undo()
 
     # run_trial without a chunk size takes it from there: room for 2.5 patient-arms

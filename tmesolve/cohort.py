@@ -131,6 +131,17 @@ PROGRESS_LOG_INTERVAL_S = 300.0
 WORKING_SET_FACTOR = 16.0
 #: Fraction of the free memory a chunk may use.
 MEMORY_FRACTION = 0.5
+#: On a CPU a batch does the same arithmetic as its members one by one: it gains by
+#: sharing each kernel's fixed cost while the lesions are small, and loses once the
+#: batch outgrows the caches. Milliseconds per patient-step on the 2-core VM
+#: (``python -m benchmarks.cohort_chunks``, float32, 16 fields; chunks of 1 / 2 / 4 /
+#: 16 / 64): 8³ × 2 lesions (65 kB of state a patient) 1.40 / 1.14 / 0.97 / 0.81 /
+#: 0.76; 16³ × 3 (0.8 MB) 7.2 / 6.3 / 6.0 / 6.7 / 7.0; 32³ × 3 (6.3 MB) 55 / 53 / 53
+#: / 58 / 63. So a CPU chunk holds up to :data:`CPU_CHUNK_STATE_BYTES` of state, and
+#: :data:`CPU_CHUNK_MIN` patient-arms whatever their size.
+CPU_CHUNK_STATE_BYTES = 4 * 1024**2
+#: Patient-arms a CPU chunk may always hold (no loss up to 4 at 32³ × 3, above).
+CPU_CHUNK_MIN = 4
 #: Assumed free memory where the platform reports none (bytes).
 FALLBACK_MEMORY_BYTES = 4 * 1024**3
 #: The Linux file whose ``MemAvailable`` line gives the host's available memory.
@@ -508,10 +519,15 @@ def available_memory_bytes(device: Any = None) -> int:
 
 def choose_chunk_size(per_member_state_bytes: int, members: int, device: Any = None) -> int:
     """Patient-arms per chunk: ⌊MEMORY_FRACTION × free / (WORKING_SET_FACTOR × state bytes)⌋,
-    at least 1 and at most ``members`` (the group size)."""
+    at least 1 and at most ``members`` (the group size); on a CPU also at most
+    max(CPU_CHUNK_MIN, ⌊CPU_CHUNK_STATE_BYTES / state bytes⌋) (:data:`CPU_CHUNK_STATE_BYTES`)."""
+    device = jax.devices()[0] if device is None else device
     budget = MEMORY_FRACTION * available_memory_bytes(device)
-    per_member = max(1.0, WORKING_SET_FACTOR * float(per_member_state_bytes))
-    return int(max(1, min(members, budget // per_member)))
+    per_member = max(1.0, float(per_member_state_bytes))
+    size = budget // (WORKING_SET_FACTOR * per_member)
+    if device.platform == "cpu":
+        size = min(size, max(CPU_CHUNK_MIN, CPU_CHUNK_STATE_BYTES // per_member))
+    return int(max(1, min(members, size)))
 
 
 # ---------------------------------------------------------------------------
@@ -780,7 +796,8 @@ def run_trial(
         record_interval_h: time between readout records (h).
         chunk_size: patient-arms advanced together; None chooses it per lesion-count group
             from the free memory (:func:`choose_chunk_size`: ½ of the free device memory
-            over 16× a patient's state bytes), capped at the group size.
+            over 16× a patient's state bytes; on a CPU at most 4 MiB of state or 4
+            patient-arms, whichever is more), capped at the group size.
         dtype: float dtype (float64 needs ``jax_enable_x64``).
         dt_max, safety: time-step cap (h) and fraction of the stability limit.
         durable_cr_h: a CR held this long is durable (MODEL.md default 5 years; a trial
