@@ -133,14 +133,15 @@ WORKING_SET_FACTOR = 16.0
 MEMORY_FRACTION = 0.5
 #: On a CPU a batch does the same arithmetic as its members one by one: it gains by
 #: sharing each kernel's fixed cost while the lesions are small, and loses once the
-#: batch outgrows the caches. Milliseconds per patient-step on the 2-core VM
-#: (``python -m benchmarks.cohort_chunks``, float32, 16 fields; chunks of 1 / 2 / 4 /
-#: 16 / 64): 8³ × 2 lesions (65 kB of state a patient) 1.40 / 1.14 / 0.97 / 0.81 /
-#: 0.76; 16³ × 3 (0.8 MB) 7.2 / 6.3 / 6.0 / 6.7 / 7.0; 32³ × 3 (6.3 MB) 55 / 53 / 53
-#: / 58 / 63. So a CPU chunk holds up to :data:`CPU_CHUNK_STATE_BYTES` of state, and
+#: batch outgrows the caches. Milliseconds per patient-step on the 2-core VM, two
+#: runs of ``python -m benchmarks.cohort_chunks`` (float32, 16 fields): 8³ × 2
+#: lesions (65 kB of state a patient) 1.40–1.78 alone, 0.76–0.96 in chunks of 64;
+#: 16³ × 3 (0.8 MB) 6.0–8.7 in chunks of 1 to 64, in no consistent order; 32³ × 3
+#: (6.3 MB) 52–55 alone, 53–58 in chunks of 2 to 16, 61–63 in chunks of 64. So a
+#: CPU chunk holds up to :data:`CPU_CHUNK_STATE_BYTES` of state, and
 #: :data:`CPU_CHUNK_MIN` patient-arms whatever their size.
 CPU_CHUNK_STATE_BYTES = 4 * 1024**2
-#: Patient-arms a CPU chunk may always hold (no loss up to 4 at 32³ × 3, above).
+#: Patient-arms a CPU chunk may always hold (within the noise up to 16 at 32³ × 3).
 CPU_CHUNK_MIN = 4
 #: Assumed free memory where the platform reports none (bytes).
 FALLBACK_MEMORY_BYTES = 4 * 1024**3
