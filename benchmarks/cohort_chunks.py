@@ -8,7 +8,9 @@ For each chunk size c, c patients of the melanoma-preset cohort of
 run in one chunk of :func:`tmesolve.cohort.run_trial`: first a 2-hour trial
 that compiles the loop for that batch shape, then, timed, a trial of a
 1-day lead-in and ``--hours`` of therapy with the loop already compiled
-(set-up, stepping and scoring; no compile). Reported per chunk size: wall and
+(set-up, stepping and scoring; no compile: each patient's set-up and scoring
+are a fixed cost per patient, the same at every chunk size, which ``--hours``
+spreads over more steps). Reported per chunk size: wall and
 CPU milliseconds per patient-step, and their ratio to the first chunk size
 (the reference, in the same process), beside the chunk size
 :func:`tmesolve.cohort.choose_chunk_size` picks on this machine for a group of
@@ -47,8 +49,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hours", type=float, default=24.0, help="timed therapy after a 1-day lead-in")
     parser.add_argument("--out", default="benchmarks/results/cohort-chunks.json")
     args = parser.parse_args(argv)
-    if min(args.chunks) < 1:
-        raise SystemExit(f"--chunks: got {args.chunks}; expected chunk sizes >= 1")
+    if min(args.chunks) < 1 or len(set(args.chunks)) != len(args.chunks):
+        raise SystemExit(f"--chunks: got {args.chunks}; expected distinct chunk sizes >= 1")
+    if args.shape < 4 or not 1 <= args.lesions <= 5 or args.spacing_um <= 0:
+        raise SystemExit(f"--shape/--lesions/--spacing-um: got {args.shape}/{args.lesions}/"
+                         f"{args.spacing_um}; expected >= 4 voxels, 1-5 lesions, a spacing > 0")
     if args.hours <= 0:
         raise SystemExit(f"--hours: got {args.hours}; expected > 0")
 

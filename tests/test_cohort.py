@@ -587,7 +587,8 @@ class _Accelerator:
 
 def test_chunk_size_comes_from_the_free_memory(monkeypatch, tmp_path, shared_integrators):
     """⌊½ × free / (16 × state bytes)⌋ patient-arms per chunk, between 1 and the group
-    size, and on a CPU at most 16 MiB of state; free memory from the device's
+    size, and on a CPU at most 4 MiB of state or 4 patient-arms, whichever is more;
+    free memory from the device's
     statistics, else the host's MemAvailable, else its free pages, else 4 GiB."""
     gpu = _Accelerator({"bytes_limit": 80 * 10**9, "bytes_in_use": 16 * 10**9})
     assert cohort_module.available_memory_bytes(gpu) == 64 * 10**9
@@ -617,8 +618,8 @@ def test_chunk_size_comes_from_the_free_memory(monkeypatch, tmp_path, shared_int
     monkeypatch.undo()
 
     # On a CPU a chunk also holds at most 4 MiB of state or 4 patient-arms, whichever
-    # is more, whatever the memory: 8³ × 2 lesions (64 kiB a patient) 64 at a time,
-    # 32³ × 3 (6 MiB) 4 at a time; the memory bound still applies below that; an
+    # is more, whatever the memory: 64 KiB patients (about 8³ × 2 lesions) 64 at a
+    # time, 6 MiB ones (about 32³ × 3) 4 at a time; the memory bound still applies below that; an
     # accelerator is bound by its memory only.
     monkeypatch.setattr(cohort_module, "available_memory_bytes", lambda device=None: 10**12)
     assert (cohort_module.CPU_CHUNK_STATE_BYTES, cohort_module.CPU_CHUNK_MIN) == (4 * 2**20, 4)
