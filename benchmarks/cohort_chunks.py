@@ -1,7 +1,8 @@
 """Cost per patient-step against the chunk size of a batched trial.
 
     python -m benchmarks.cohort_chunks [--shape 32] [--lesions 3] [--spacing-um 100]
-        [--chunks 1 4 16 64] [--hours 24] [--out benchmarks/results/cohort-chunks.json]
+        [--chunks 1 2 4 16 64] [--hours 24]
+        [--out benchmarks/results/cohort-chunks-<shape>x<lesions>.json]
 
 For each chunk size c, c patients of the melanoma-preset cohort of
 :mod:`benchmarks.cohort_batch` (exactly ``--lesions`` lesions each, nivolumab)
@@ -30,24 +31,14 @@ import time
 from benchmarks.cohort_batch import ARM, _cohort
 
 
-def _state_bytes(sample, grid) -> int:
-    import jax
-    import numpy as np
-
-    from tmesolve.model.tme_setup import setup_tme
-
-    setup = setup_tme(grid, sample.lesion_specs(), therapy=ARM, seed=sample.seed)
-    return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(setup.state)))
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, default=32)
     parser.add_argument("--lesions", type=int, default=3)
     parser.add_argument("--spacing-um", type=float, default=100.0)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 16, 64])
     parser.add_argument("--hours", type=float, default=24.0, help="timed therapy after a 1-day lead-in")
-    parser.add_argument("--out", default="benchmarks/results/cohort-chunks.json")
+    parser.add_argument("--out", help="default benchmarks/results/cohort-chunks-<shape>x<lesions>.json")
     args = parser.parse_args(argv)
     if min(args.chunks) < 1 or len(set(args.chunks)) != len(args.chunks):
         raise SystemExit(f"--chunks: got {args.chunks}; expected distinct chunk sizes >= 1")
@@ -59,12 +50,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks import write_json
     from benchmarks.machine import machine_info
-    from tmesolve.cohort import choose_chunk_size, run_trial
+    from tmesolve.cohort import choose_chunk_size, run_trial, state_nbytes
     from tmesolve.grid import Grid
+    from tmesolve.model.tme_setup import setup_tme
+
+    out = args.out or f"benchmarks/results/cohort-chunks-{args.shape}x{args.lesions}.json"
 
     grid = Grid((args.shape,) * 3, args.spacing_um)
     samples = _cohort(max(args.chunks), args.lesions, args.shape, args.spacing_um)
-    state_bytes = _state_bytes(samples[0], grid)
+    first = samples[0]
+    state_bytes = state_nbytes(setup_tme(grid, first.lesion_specs(), therapy=ARM, seed=first.seed).state)
     rows = []
     for chunk in args.chunks:
         members = list(samples[:chunk])
@@ -95,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         "chunks": rows,
         "note": "ms per patient-step of a trial whose loop is already compiled; ratios to the first chunk size",
     }
-    write_json(args.out, result)
-    print(f"automatic chunk size here: {result['automatic_chunk']} -> {args.out}")
+    write_json(out, result)
+    print(f"automatic chunk size here: {result['automatic_chunk']} -> {out}")
     return result
 
 

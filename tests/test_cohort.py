@@ -636,7 +636,8 @@ def test_chunk_size_comes_from_the_free_memory(monkeypatch, tmp_path, shared_int
     samples = sample_cohort(small_spec(3, seed=7, name="chunked", lesions_max=1))
     first = setup_tme(GRID, samples[0].lesion_specs(), therapy="nivolumab",
                       seed=samples[0].seed)
-    state_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(first.state))
+    state_bytes = cohort_module.state_nbytes(first.state)
+    assert state_bytes == sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(first.state))
     room = 2.5 * cohort_module.WORKING_SET_FACTOR * state_bytes / cohort_module.MEMORY_FRACTION
     monkeypatch.setattr(cohort_module, "available_memory_bytes", lambda device=None: int(room))
     result = run_trial(samples, ["nivolumab"], GRID, WEEK_H, lead_in_h=WEEK_H, chunk_size=None,

@@ -92,6 +92,7 @@ __all__ = [
     "TrialResult",
     "available_memory_bytes",
     "choose_chunk_size",
+    "state_nbytes",
     "cohort_table",
     "load_cohort_spec",
     "plot_trial",
@@ -516,6 +517,15 @@ def available_memory_bytes(device: Any = None) -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return FALLBACK_MEMORY_BYTES
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of every array leaf of a patient's state pytree (read from the arrays'
+    metadata: nothing is copied off the device)."""
+    return int(sum(
+        leaf.nbytes if hasattr(leaf, "nbytes") else np.asarray(leaf).nbytes
+        for leaf in jax.tree_util.tree_leaves(state)
+    ))
 
 
 def choose_chunk_size(per_member_state_bytes: int, members: int, device: Any = None) -> int:
@@ -1028,10 +1038,7 @@ def run_trial(
         if size is None:
             size = chunk_size
         if size is None:
-            state_bytes = sum(
-                np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(first.state)
-            )
-            size = choose_chunk_size(state_bytes, len(members))
+            size = choose_chunk_size(state_nbytes(first.state), len(members))
         size = min(size, len(members))
         chunk_sizes[lesion_count] = size
         cache_key = (
@@ -1241,17 +1248,19 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _irae_association(irae: Mapping[str, Any]) -> str:
-    """Whether irAE-positive patients respond at least as often as irAE-negative ones.
-
-    "reproduced" (ORR among irAE+ ≥ ORR among irAE−, the clinical association), "not
+def _irae_rates(outcomes: Sequence[PatientOutcome], irae: Sequence[bool]) -> dict[str, Any]:
+    """irAE rate, ORR among irAE-positive and -negative patients, and whether the
+    clinical association holds (ORR among irAE+ ≥ ORR among irAE−): "reproduced", "not
     reproduced", or "untestable" when either group is empty or nobody responded (0/n
-    against 0/m says nothing about the association).
-    """
-    positive, negative = irae["orr_positive"], irae["orr_negative"]
+    against 0/m says nothing about the association)."""
+    positive = _rate_by(outcomes, irae, [True])["True"]
+    negative = _rate_by(outcomes, irae, [False])["False"]
     if positive["n"] == 0 or negative["n"] == 0 or positive["count"] + negative["count"] == 0:
-        return "untestable"
-    return "reproduced" if positive["rate"] >= negative["rate"] else "not reproduced"
+        association = "untestable"
+    else:
+        association = "reproduced" if positive["rate"] >= negative["rate"] else "not reproduced"
+    return {"rate": wilson_interval(sum(irae), len(outcomes)), "orr_positive": positive,
+            "orr_negative": negative, "association": association}
 
 
 def _duration_of_response(outcomes: Sequence[PatientOutcome], fitter_class) -> dict[str, Any]:
@@ -1339,11 +1348,7 @@ def summarize_trial(
                     "upper_95": [float(s) for s in band.iloc[:, 1]],
                 },
             },
-            "irae": {
-                "rate": wilson_interval(sum(irae), n),
-                "orr_positive": _rate_by(outcomes, irae, [True])["True"],
-                "orr_negative": _rate_by(outcomes, irae, [False])["False"],
-            },
+            "irae": _irae_rates(outcomes, irae),
             "duration_of_response": _duration_of_response(outcomes, KaplanMeierFitter),
             "therapy_held": int(sum(o.therapy_held for o in outcomes)),
             "therapy_resumed": int(sum(o.therapy_resumed for o in outcomes)),
@@ -1351,7 +1356,6 @@ def summarize_trial(
             "durable_cr": int(sum(o.durable_cr for o in outcomes)),
             "touched_wall": int(sum(o.touched_wall for o in outcomes)),
         }
-        per_arm[arm]["irae"]["association"] = _irae_association(per_arm[arm]["irae"])
 
     logrank: dict[str, Any] = {
         "p_value": math.nan,
@@ -1490,6 +1494,12 @@ def _format_rate(rate: Mapping[str, float]) -> str:
     )
 
 
+#: Parameters whose table entry says they were calibrated in 3-D (docs/model.md).
+CALIBRATED_PARAMETERS = tuple(
+    symbol for symbol, parameter in PARAMETER_TABLE.items() if "calibrated in 3-D" in parameter.source
+)
+
+
 def _override_text(symbol: str, value: Any) -> str:
     """``symbol=value units`` of a parameter set in the run (core units, as stored)."""
     parameter = PARAMETER_TABLE.get(symbol)
@@ -1512,7 +1522,8 @@ def _report(result: TrialResult, summary: Mapping[str, Any], cohort: CohortSpec 
     )
     overrides = result.settings.get("parameters") or {}
     lines.append(
-        "Tuned: r_C, k_kill, k_in and rho_PDL1, on single lesions for the presets' immune "
+        f"Tuned: {', '.join(CALIBRATED_PARAMETERS[:-1])} and {CALIBRATED_PARAMETERS[-1]}, "
+        "on single lesions for the presets' immune "
         "classes and a hot lesion's partial response (docs/model.md, 'Calibration in 3-D'); "
         "every other default is the parameter table's"
         + (
