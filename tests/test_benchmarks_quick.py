@@ -177,3 +177,17 @@ def test_stencil_forms_agree_and_time_the_solver_stage():
         assert positive(figures["seconds"]) and positive(figures["cpu_over_wall"]), name
     # Every form writes the same update (float32 round-off of an 8³ field of values in [0, 1)).
     assert max(results[name]["max_difference"] for name in stencil_forms.FORMS) < 1e-5
+
+
+def test_cpu_patterns_agree_with_their_twins(tmp_path):
+    from benchmarks import cpu_patterns
+
+    out = tmp_path / "patterns.json"
+    result = cpu_patterns.main(["--shape", "8", "--fields", "4", "--steps", "2", "--repeats", "1", "--out", str(out)])
+    patterns = json.loads(out.read_text())["patterns"]
+    assert set(patterns) == {"scale_stack", "stack_of_scaled_rows", "power", "exp_log", "exp"}
+    for name, figures in patterns.items():
+        assert positive(figures["ms_per_pass"]) and positive(figures["ratio_to_scale_stack"]), name
+    assert result["patterns"]["stack_of_scaled_rows"]["max_relative_difference_to_scale_stack"] == 0.0
+    # exp(1.7 ln x) against x^1.7 in float32 on [0.5, 1]: a few ulp.
+    assert result["patterns"]["exp_log"]["max_relative_difference_to_power"] < 1e-6

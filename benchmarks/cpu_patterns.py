@@ -1,0 +1,95 @@
+"""What a few array patterns cost on XLA's CPU backend, per pass over a stack of fields.
+
+    python -m benchmarks.cpu_patterns [--shape 128] [--fields 16] [--out FILE]
+
+Each pattern maps a stack of ``fields`` float32 fields of N³ values, shaped as
+the TME model's state (fields, 1 lesion, N, N, N), to an array of the same
+shape, inside a ``lax.fori_loop`` of ``--steps`` passes with the buffer donated
+(buffers are reused as in the solver: no page faults of fresh outputs). The
+patterns are the ones that decided how :meth:`tmesolve.model.tme.TMEModel.react`
+and :func:`tmesolve.model.tme._hill` are written:
+
+* ``scale_stack``: x·c over the whole stack (the reference: one pass);
+* ``stack_of_scaled_rows``: the same values as a ``jnp.stack`` of the scaled
+  rows, as a model writes its per-field rates (one buffer per row, then a
+  copy into the stack);
+* ``power``: x^1.7 with the exponent an array leaf, as a Hill term whose
+  exponent is a parameter;
+* ``exp_log``: the same power as exp(1.7·ln x), and ``exp`` alone.
+
+Reports ms per pass, each as a ratio to ``scale_stack`` in the same process,
+with the machine; JSON with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+import tmesolve  # noqa: F401  - sets tmesolve's XLA options, as a run has them
+from benchmarks import best_time_s, ratio, rounded, write_json
+from benchmarks.machine import machine_info
+
+
+def _patterns(fields: int) -> dict:
+    exponent_leaf = jnp.float32(1.7)
+
+    def stack_of_scaled_rows(x, exponent):
+        return jnp.stack([x[row] * 0.999 for row in range(fields)])
+
+    return {
+        "scale_stack": lambda x, exponent: x * 0.999,
+        "stack_of_scaled_rows": stack_of_scaled_rows,
+        "power": lambda x, exponent: x ** exponent,
+        "exp_log": lambda x, exponent: jnp.exp(exponent * jnp.log(x)),
+        "exp": lambda x, exponent: jnp.exp(-x),
+    }, exponent_leaf
+
+
+def measure(shape: int, fields: int, steps: int, repeats: int) -> dict:
+    """ms per pass of every pattern and its ratio to ``scale_stack``."""
+    patterns, exponent = _patterns(fields)
+    x0 = jax.random.uniform(jax.random.key(0), (fields, 1, shape, shape, shape), jnp.float32, 0.5, 1.0)
+    result = {}
+    for name, pattern in patterns.items():
+        loop = jax.jit(lambda x, e, pattern=pattern: jax.lax.fori_loop(0, steps, lambda _, y: pattern(y, e), x),
+                       donate_argnums=0)
+        compiled = loop.lower(x0, exponent).compile()
+        # Values stay in (0, 1]: every pattern maps (0, 1] into itself or near it over a few passes.
+        seconds = best_time_s(compiled, repeats, setup=lambda: (x0.copy(), exponent)) / steps
+        result[name] = {"ms_per_pass": seconds * 1e3}
+    reference = result["scale_stack"]["ms_per_pass"]
+    for figures in result.values():
+        figures["ratio_to_scale_stack"] = ratio(figures["ms_per_pass"], reference)
+    # The twins compute the same values: one pass of each, compared.
+    for name, twin in (("stack_of_scaled_rows", "scale_stack"), ("exp_log", "power")):
+        ours, theirs = (jax.jit(patterns[key])(x0, exponent) for key in (name, twin))
+        result[name]["max_relative_difference_to_" + twin] = float(jnp.max(jnp.abs(ours - theirs) / jnp.abs(theirs)))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, default=128)
+    parser.add_argument("--fields", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    for name in ("shape", "fields", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: got {getattr(args, name)}; expected an integer >= 1")
+    patterns = measure(args.shape, args.fields, args.steps, args.repeats)
+    for name, figures in patterns.items():
+        print(f"{name:22s} {figures['ms_per_pass']:8.2f} ms  {figures['ratio_to_scale_stack']:5.2f}× scale_stack")
+    result = {"machine": machine_info(), "shape": args.shape, "fields": args.fields, "steps": args.steps,
+              "patterns": rounded(patterns)}
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
