@@ -72,6 +72,94 @@ def test_fused_local_terms_equal_the_plain_reference(x64, therapy):
     np.testing.assert_allclose(np.asarray(derivative), difference, rtol=1e-6)
 
 
+def test_the_reaction_step_skips_exactly_the_fields_without_local_terms(x64):
+    """The fields react() leaves alone are those whose local production and loss are zero
+    by construction: their terms are zero at random states, every other field has some,
+    and a reaction step returns the skipped fields bit for bit."""
+    from tmesolve.model.tme import LOCAL_ZERO_LOSS, LOCAL_ZERO_PRODUCTION
+
+    grid = Grid((6, 5, 4), 20.0)
+    setup = setup_tme(grid, [LesionSpec("inflamed", radius_um=30.0), LesionSpec("excluded", radius_um=30.0)],
+                      therapy="pembrolizumab", dtype=jnp.float64, parameters={"k_S": 0.01})
+    model, params = setup.model, setup.params
+    systemic = setup.state.aux.systemic
+    rng = np.random.default_rng(11)
+    u = {k: jnp.asarray(v) for k, v in random_state(rng, (2, *grid.shape)).items()}
+    production, loss, _ = model.local_terms(u, params, systemic, jnp.asarray(0.0))
+    for symbol in LOCAL_ZERO_PRODUCTION:
+        assert not np.any(np.asarray(production[symbol])), symbol
+    for symbol in LOCAL_ZERO_LOSS:
+        assert not np.any(np.asarray(loss[symbol])), symbol
+
+    fields = jnp.stack([u[s.symbol] for s in model.species])
+    production, loss, _ = model.reaction_terms(fields, params, systemic, jnp.asarray(0.0))
+    reacting = model.reacting_symbols()
+    assert set(reacting) == {"C", "N", "T", "E", "S", "L", "P", "A1", "A2"}
+    for index, symbol in enumerate(model.species_symbols()):
+        has_terms = bool(np.any(np.asarray(production[index])) or np.any(np.asarray(loss[index])))
+        assert has_terms == (symbol in reacting), symbol
+
+    # The propagator's species have no production here, and only IL-2 among the
+    # fast species takes its decay here (the reference's loss for the others).
+    for symbol in model._produced_in_propagator():
+        assert not np.any(np.asarray(production[model.species_symbols().index(symbol)])), symbol
+    il2 = model.species_symbols().index("L")
+    full_production, full_loss, _ = model.local_terms(u, params, systemic, jnp.asarray(0.0))
+    np.testing.assert_array_equal(np.asarray(production[il2]), np.asarray(full_production["L"]))
+    np.testing.assert_allclose(np.asarray(loss[il2]), np.asarray(full_loss["L"] + params.model["lambda_L"]),
+                               rtol=1e-15)
+    for symbol in ("C", "N", "T", "E", "S", "P", "A1", "A2"):
+        index = model.species_symbols().index(symbol)
+        np.testing.assert_array_equal(np.asarray(loss[index]), np.asarray(full_loss[symbol]), err_msg=symbol)
+        if symbol not in model._produced_in_propagator():
+            np.testing.assert_array_equal(np.asarray(production[index]), np.asarray(full_production[symbol]),
+                                          err_msg=symbol)
+
+    state = replace(setup.state, fields=fields)
+    stepped = model.react(state, params, jnp.asarray(0.5))
+    for index, symbol in enumerate(model.species_symbols()):
+        unchanged = bool(np.array_equal(np.asarray(stepped.fields[index]), np.asarray(fields[index])))
+        assert unchanged == (symbol not in reacting and symbol != "O"), symbol
+
+
+@pytest.mark.parametrize("therapy", ["none", "nivolumab_ipilimumab", "atezolizumab"])
+def test_each_local_term_is_taken_once_across_the_sub_steps(x64, therapy):
+    """The local sub-step's P − Λu plus the propagator's source and decay (and, for
+    oxygen, react's own rate) add up to MODEL.md's full local rate of every field:
+    no term is dropped or counted twice when terms move between sub-steps."""
+    from tmesolve.model.tme import FAST, LINEAR_DECAYS
+
+    grid = Grid((6, 5, 4), 20.0)
+    setup = setup_tme(grid, [LesionSpec("inflamed", radius_um=30.0), LesionSpec("desert", radius_um=30.0)],
+                      therapy=therapy, dtype=jnp.float64, parameters={"k_S": 0.01})
+    model, params = setup.model, setup.params
+    rng = np.random.default_rng(5)
+    u = {k: jnp.asarray(v) for k, v in random_state(rng, (2, *grid.shape)).items()}
+    fields = jnp.stack([u[s.symbol] for s in model.species])
+    # A day in, with the regimen's first doses given: every drug is in plasma.
+    state = model.apply_events(replace(setup.state, fields=fields), params, jnp.asarray(24.0), jnp.asarray(24.5))
+    systemic = state.aux.systemic
+    full_production, full_loss, _ = model.local_terms(u, params, systemic, state.time)
+    production, loss, _ = model.reaction_terms(fields, params, systemic, state.time)
+    sources = model.linear_sources(state, params)
+    _, decays = model.linear_coefficients(params)
+    oxygen_local, _ = model.oxygen_local_terms(fields, params)
+    for index, symbol in enumerate(model.species_symbols()):
+        expected = np.asarray(full_production[symbol] - full_loss[symbol] * u[symbol])
+        if symbol in LINEAR_DECAYS:   # MODEL.md's constant decay of the fast species
+            expected = expected - float(params.model[LINEAR_DECAYS[symbol]]) * np.asarray(u[symbol])
+        taken = np.asarray(production[index] - loss[index] * u[symbol])
+        if symbol in FAST:
+            fast = FAST.index(symbol)
+            taken = taken + np.asarray(sources[fast]) - float(decays[fast]) * np.asarray(u[symbol])
+        if symbol == "O":
+            taken = taken + np.asarray(oxygen_local)
+        scale = np.max(np.abs(expected)) + 1e-300
+        np.testing.assert_allclose(taken, expected, rtol=1e-12, atol=1e-13 * scale, err_msg=symbol)
+    assert float(np.max(np.asarray(sources[FAST.index("A1")]))) > 0 or therapy != "nivolumab_ipilimumab"
+    assert float(np.max(np.asarray(sources[FAST.index("A2")]))) > 0 or therapy != "atezolizumab"
+
+
 def test_well_mixed_limit_matches_solve_ivp(x64):
     """Uniform fields, no-flux walls, tissue velocity off: the PDE is the ODE of its local terms.
 
@@ -129,3 +217,20 @@ def test_compressed_stroma_stops_t_cells_and_keeps_them_non_negative():
     dt = model.stable_dt(state, params)
     moved = np.asarray(model.transport(state, params, dt).fields)
     assert moved[E].min() >= 0.0 and moved[T].min() >= 0.0
+
+
+def test_hill_fraction_matches_the_power_form_and_its_limits(x64):
+    """_hill(x, K, n) = xⁿ/(xⁿ + Kⁿ) to round-off, with its limits at 0 and for large n."""
+    from tmesolve.model.tme import _hill
+
+    rng = np.random.default_rng(2)
+    x, half, n = rng.uniform(0.0, 5.0, 1000), rng.uniform(0.1, 5.0, 1000), rng.uniform(0.1, 20.0, 1000)
+    expected = x**n / (x**n + half**n)
+    np.testing.assert_allclose(np.asarray(_hill(jnp.asarray(x), jnp.asarray(half), jnp.asarray(n))), expected,
+                               rtol=1e-12, atol=1e-300)
+    limits = _hill(jnp.asarray([0.0, -1e-30, 2.0, 1.0, 1e3]), jnp.asarray([1.0, 1.0, 0.0, 1.0, 1e-3]),
+                   jnp.asarray([2.0, 2.5, 4.0, 3.0, 20.0]))
+    np.testing.assert_array_equal(np.asarray(limits), [0.0, 0.0, 1.0, 0.5, 1.0])
+    # In float32 exp(20 ln 10⁶) overflows to ∞: the fraction is 0, not NaN.
+    f32 = [jnp.asarray(value, jnp.float32) for value in (1e-3, 1e3, 20.0)]
+    assert float(_hill(*f32)) == 0.0

@@ -172,15 +172,24 @@ class TMEAux:
     transport_speed: jax.Array
 
 
+#: Fields whose production (LOCAL_ZERO_PRODUCTION) or per-capita loss
+#: (LOCAL_ZERO_LOSS) in :meth:`TMEModel.local_terms` is zero by construction:
+#: the reaction step skips a field whose two are both zero after
+#: :meth:`TMEModel.reaction_terms` has moved terms to the propagator
+#: (``tests/model/test_tme_local.py`` checks these sets against the terms).
+LOCAL_ZERO_PRODUCTION = ("H", "V", "a")
+LOCAL_ZERO_LOSS = ("H", "G", "X", "B", "V", "a")
+
+
 class _ReactionCarry(NamedTuple):
     """What the two stages of :meth:`TMEModel.react` pass on: the stage state, the
     predictor's terms for the corrector, and oxygen's ROS2 pieces (k₁, the shift
     a = 1 + γΔt·max(−∂f/∂O, 0), γΔt·F_t and the right-hand side of the stage solve)."""
 
-    fields: jax.Array
+    fields: dict[str, jax.Array]
     systemic: SystemicState
-    production0: jax.Array
-    loss0: jax.Array
+    production0: tuple[jax.Array, ...]
+    loss0: tuple[jax.Array, ...]
     inputs0: SystemicInputs
     oxygen_step1: jax.Array
     oxygen_shift: jax.Array
@@ -196,6 +205,23 @@ def _oxygen_supply(u: dict[str, jax.Array], p) -> jax.Array:
 def _oxygen_uptake_capacity(u: dict[str, jax.Array], p) -> jax.Array:
     """u_C·C + u_T·(T + E) (mmHg/h): oxygen's uptake at saturation (Michaelis–Menten in O)."""
     return p["u_C"] * u["C"] + p["u_T"] * (u["T"] + u["E"])
+
+
+def _hill(x: jax.Array, half: jax.Array, n: jax.Array) -> jax.Array:
+    """The Hill fraction xⁿ/(xⁿ + Kⁿ) for x, K ≥ 0 and n > 0 (dimensionless), as
+
+        1/(1 + exp(n (ln K − ln x)))
+
+    A power with an array exponent (n is a parameter leaf) is slow on XLA's
+    CPU backend: ``python -m benchmarks.cpu_patterns`` (16 × 128³ values) timed
+    it at 14× a pass that scales the values, and exp(n ln x) at 4.5×.
+
+    The limits hold: x = 0 gives ln x = −∞ and the fraction 0, K = 0 the
+    fraction 1, and a large exponent overflows to ∞ and gives 0. A value below
+    zero by round-off counts as 0 (a power would give NaN there for a
+    non-integer n, and the log for any n).
+    """
+    return 1.0 / (1.0 + jnp.exp(n * (jnp.log(jnp.maximum(half, 0.0)) - jnp.log(jnp.maximum(x, 0.0)))))
 
 
 def _per_lesion(value: jax.Array) -> jax.Array:
@@ -325,12 +351,11 @@ class TMEModel(Model):
         theta_2 = u["A2"] / (u["A2"] + p["K_D_PDL1"])
         theta = 1.0 - (1.0 - theta_1) * (1.0 - theta_2)
         engagement_density = p["rho_PDL1"] * P_ * (1.0 - theta_1) * (1.0 - theta_2)
-        Qn = engagement_density ** p["n_PD"]
-        H_PD = Qn / (Qn + p["Q_50"] ** p["n_PD"])
+        H_PD = _hill(engagement_density, p["Q_50"], p["n_PD"])
         phi_PD = 1.0 - H_PD
         phi_B = 1.0 / (1.0 + B / p["K_B"])
         phi_O = O / (O + p["K_O"])
-        hypoxic = p["O_n"] ** p["n_hyp"] / (p["O_n"] ** p["n_hyp"] + O ** p["n_hyp"])
+        hypoxic = _hill(p["O_n"], O, p["n_hyp"])   # O_nⁿ/(O_nⁿ + Oⁿ)
         engagement = a * C / (C + p["K_C"])
         crowding = (C + N_ + T + E) / K_max
         room = jnp.maximum(1.0 - crowding, 0.0)
@@ -401,18 +426,52 @@ class TMEModel(Model):
         uptake here.
         """
         u = self._unstack(fields)
-        production, loss, extras = self.local_terms(u, params, systemic, time)
-        production = dict(production)
-        loss = dict(loss)
+        production, loss, inputs = self._reacting_terms(u, params, systemic, time)
+        zero = jnp.zeros_like(u["C"])
+        reacting = dict(zip(self.reacting_symbols(), zip(production, loss, strict=True), strict=True))
+        return (jnp.stack([reacting[symbol][0] if symbol in reacting else zero for symbol in self.species_symbols()]),
+                jnp.stack([reacting[symbol][1] if symbol in reacting else zero for symbol in self.species_symbols()]),
+                inputs)
+
+    def reacting_symbols(self) -> tuple[str, ...]:
+        """Symbols, in species order, of the fields the local sub-step changes (static):
+        all but those whose production and loss in :meth:`reaction_terms` are zero by
+        construction (:data:`LOCAL_ZERO_PRODUCTION`, :data:`LOCAL_ZERO_LOSS`, oxygen,
+        the propagator's terms)."""
         produced = self._produced_in_propagator()
-        for symbol, decay in LINEAR_DECAYS.items():
-            if symbol in produced:
-                production[symbol] = jnp.zeros_like(u[symbol])
-            else:
-                loss[symbol] = loss[symbol] + params.model[decay]
-        for symbol in STIFF_FAST:
-            production[symbol] = loss[symbol] = jnp.zeros_like(u[symbol])
-        return self._stack(production), self._stack(loss), self._systemic_inputs(u, extras, params)
+
+        def zero_production(symbol):
+            return symbol in LOCAL_ZERO_PRODUCTION or symbol in produced or symbol in STIFF_FAST
+
+        def zero_loss(symbol):
+            decays_here = symbol in LINEAR_DECAYS and symbol not in produced
+            return symbol in STIFF_FAST or (symbol in LOCAL_ZERO_LOSS and not decays_here)
+
+        return tuple(symbol for symbol in self.species_symbols()
+                     if not (zero_production(symbol) and zero_loss(symbol)))
+
+    def _reacting_terms(self, u: dict[str, jax.Array], params: TMEParams, systemic: SystemicState,
+                        time: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], SystemicInputs]:
+        """:meth:`reaction_terms` for :meth:`reacting_symbols` only, as tuples of fields.
+
+        Why not stacked: XLA's CPU backend writes a stack of sixteen fields as
+        sixteen buffers and one more copy (a concatenation it does not fuse): a
+        stack of sixteen scaled rows took 5.2× the same scaling of the stacked
+        array (``python -m benchmarks.cpu_patterns``, 16 × 128³). :meth:`react`
+        updates the fields that react one by one and stacks all of them once per
+        sub-step.
+        """
+        production, loss, extras = self.local_terms(u, params, systemic, time)
+        produced = self._produced_in_propagator()
+        reacting = self.reacting_symbols()
+        zero = jnp.zeros_like(u["C"])
+        # The propagator makes its species (the antibodies keep their uptake by
+        # vessels here); IL-2's decay, and any fast species' the propagator does
+        # not produce, joins its local loss.
+        production = tuple(zero if symbol in produced else production[symbol] for symbol in reacting)
+        loss = tuple(loss[symbol] + params.model[LINEAR_DECAYS[symbol]]
+                     if symbol in LINEAR_DECAYS and symbol not in produced else loss[symbol] for symbol in reacting)
+        return production, loss, self._systemic_inputs(u, extras, params)
 
     def oxygen_local_terms(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array]:
         """Oxygen's local rate f(O) (mmHg/h) and its derivative (1/h) at ``fields`` (MODEL.md, oxygen):
@@ -424,8 +483,11 @@ class TMEModel(Model):
         k_V V + λ_O + uptake/(O + K_Ou)), which :meth:`reaction_terms` leaves out
         for oxygen; a negative O counts as 0.
         """
+        return self._oxygen_local_terms(self._unstack(fields), params)
+
+    def _oxygen_local_terms(self, u: dict[str, jax.Array], params: TMEParams) -> tuple[jax.Array, jax.Array]:
+        """:meth:`oxygen_local_terms` of the fields by symbol."""
         p = params.model
-        u = self._unstack(fields)
         oxygen = jnp.maximum(u["O"], 0.0)
         supply, capacity = _oxygen_supply(u, p), _oxygen_uptake_capacity(u, p)
         saturation = oxygen + p["K_Ou"]
@@ -435,9 +497,12 @@ class TMEModel(Model):
 
     def oxygen_rate(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array, jax.Array]:
         """∂O/∂t = D_O Δ_h O + f(O) (mmHg/h), f(O) and ∂f/∂O (1/h) at ``fields`` (:meth:`oxygen_local_terms`)."""
-        local, derivative = self.oxygen_local_terms(fields, params)
-        oxygen = fields[self.index("oxygen")]
-        diffusion = _per_lesion(params.model["D_O"]) * diffusion_rate(oxygen, 1.0, self.grid.spacing_um)
+        return self._oxygen_rate(self._unstack(fields), params)
+
+    def _oxygen_rate(self, u: dict[str, jax.Array], params: TMEParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """:meth:`oxygen_rate` of the fields by symbol."""
+        local, derivative = self._oxygen_local_terms(u, params)
+        diffusion = _per_lesion(params.model["D_O"]) * diffusion_rate(u["O"], 1.0, self.grid.spacing_um)
         return diffusion + local, local, derivative
 
     def _systemic_inputs(self, u, extras, params) -> SystemicInputs:
@@ -486,20 +551,25 @@ class TMEModel(Model):
         """
         systemic0 = state.aux.systemic
         pk = params.schedule.pk
-        fields0 = state.fields
-        oxygen_index = self.index("oxygen")
-        oxygen0 = fields0[oxygen_index]
+        # The stage states are fields by symbol, stacked once at the end: a
+        # field the local terms do not change is carried, not copied
+        # (:meth:`_reacting_terms` says why).
+        fields0 = self._unstack(state.fields)
+        reacting = self.reacting_symbols()
+        oxygen0 = fields0["O"]
         gamma_dt = ROS2_GAMMA * dt
         diffusion_coefficient = gamma_dt * _per_lesion(params.model["D_O"])
-        tolerance = SOLVE_TOLERANCE[jnp.dtype(fields0.dtype)]
+        tolerance = SOLVE_TOLERANCE[jnp.dtype(state.fields.dtype)]
         enough = stage_residual_enough(oxygen0, dt, tolerance)
 
         def predictor(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production, loss, inputs, oxygen_rate0, local0, derivative0 = stage_terms
             # Oxygen has no local terms here (reaction_terms), so it stays at Oⁿ, and
             # only the local part of F changes with the cells: γΔt·F_t from it alone.
-            fields = _frozen_exponential(fields0, production, loss, dt)
-            local_moved_cells, _ = self.oxygen_local_terms(fields, params)
+            fields = dict(fields0)
+            for symbol, rate_in, rate_out in zip(reacting, production, loss, strict=True):
+                fields[symbol] = _frozen_exponential(fields0[symbol], rate_in, rate_out, dt)
+            local_moved_cells, _ = self._oxygen_local_terms(fields, params)
             time_term = ROS2_GAMMA * (local_moved_cells - local0)
             return _ReactionCarry(
                 fields=fields, systemic=systemic_step(systemic0, inputs, params.model, pk, state.time, dt),
@@ -509,7 +579,10 @@ class TMEModel(Model):
 
         def corrector(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production1, loss1, inputs1, oxygen_rate1, _, _ = stage_terms
-            fields = exponential_trapezoid(fields0, carry.production0, carry.loss0, production1, loss1, dt)
+            fields = dict(fields0)
+            for symbol, rate_in0, rate_out0, rate_in1, rate_out1 in zip(
+                    reacting, carry.production0, carry.loss0, production1, loss1, strict=True):
+                fields[symbol] = exponential_trapezoid(fields0[symbol], rate_in0, rate_out0, rate_in1, rate_out1, dt)
             # Extravasation is proportional to T_b; the systemic step applies it as a
             # loss rate J/(V_blood·T_b(t)), so average the clearance J/T_b (µL/h), not J,
             # or the coupling drops to first order.
@@ -523,9 +596,9 @@ class TMEModel(Model):
 
         def stage(index, carry: _ReactionCarry) -> _ReactionCarry:
             stage_time = state.time + index.astype(dt.dtype) * dt
-            terms = self.reaction_terms(carry.fields, params, carry.systemic, stage_time)
+            terms = self._reacting_terms(carry.fields, params, carry.systemic, stage_time)
             first = index == 0
-            carry = jax.lax.cond(first, predictor, corrector, terms + self.oxygen_rate(carry.fields, params), carry)
+            carry = jax.lax.cond(first, predictor, corrector, terms + self._oxygen_rate(carry.fields, params), carry)
             # k₂ ≈ −k₁ both where oxygen is slow (k₂ ≈ F − 2k₁) and where it is stiff
             # (k₂ → −Ȯ): a start that saves about one iteration in two. (Starting k₁
             # from the last step's k₁, carried in the state, saved under one in ten.)
@@ -536,17 +609,18 @@ class TMEModel(Model):
             oxygen_step1 = jnp.where(first, oxygen_step, carry.oxygen_step1)
             increment = jnp.where(first, oxygen_step, 1.5 * oxygen_step1 + 0.5 * oxygen_step)
             oxygen = jnp.where(dt > 0, jnp.maximum(oxygen0 + dt * increment, 0.0), oxygen0)
-            return carry._replace(fields=carry.fields.at[oxygen_index].set(oxygen), oxygen_step1=oxygen_step1)
+            return carry._replace(fields={**carry.fields, "O": oxygen}, oxygen_step1=oxygen_step1)
 
-        no_inputs = SystemicInputs(antigen_flux=jnp.zeros((), fields0.dtype),
-                                   extravasation=jnp.zeros((), fields0.dtype))
+        dtype = state.fields.dtype
+        no_inputs = SystemicInputs(antigen_flux=jnp.zeros((), dtype), extravasation=jnp.zeros((), dtype))
         oxygen_zeros = jnp.zeros_like(oxygen0)
-        start = _ReactionCarry(fields=fields0, systemic=systemic0, production0=jnp.zeros_like(fields0),
-                               loss0=jnp.zeros_like(fields0), inputs0=no_inputs, oxygen_step1=oxygen_zeros,
+        no_terms = tuple(oxygen_zeros for _ in reacting)
+        start = _ReactionCarry(fields=fields0, systemic=systemic0, production0=no_terms,
+                               loss0=no_terms, inputs0=no_inputs, oxygen_step1=oxygen_zeros,
                                oxygen_shift=jnp.ones_like(oxygen0), oxygen_time_term=oxygen_zeros,
                                oxygen_right_hand_side=oxygen_zeros)
         end = jax.lax.fori_loop(0, 2, stage, start, unroll=self.unroll_stages)
-        fields, systemic = end.fields, end.systemic
+        fields, systemic = self._stack(end.fields), end.systemic
         fields = self._extinction(fields, params)
         return replace(state, fields=fields, aux=replace(state.aux, systemic=systemic))
 
