@@ -99,10 +99,23 @@ def longest_diameter_mm(mask: jax.Array, grid) -> jax.Array:
 
 
 def _pool(mask: jax.Array, radius: int, maximum: bool) -> jax.Array:
-    window = (1,) + tuple(2 * radius + 1 if n > 1 else 1 for n in mask.shape[1:])
-    if maximum:
-        return jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, window, (1, 1, 1, 1), "SAME")
-    return jax.lax.reduce_window(mask, jnp.inf, jax.lax.min, window, (1, 1, 1, 1), "SAME")
+    """Max (dilation) or min (erosion) of ``mask`` (lesions, nx, ny, nz) over the box of
+    ±``radius`` voxels along every axis longer than one; outside the grid counts as absent
+    for the max and present for the min.
+
+    One 1-D window per axis in turn: the max or min over a box is that over its rows,
+    exactly, and costs 3(2r + 1) comparisons per voxel instead of (2r + 1)³ (XLA's
+    CPU backend runs a 3-D window as a plain loop over it: at 128³ and r = 3 the
+    two pools of a record took about a third of a second).
+    """
+    init, operation = (-jnp.inf, jax.lax.max) if maximum else (jnp.inf, jax.lax.min)
+    pooled = mask
+    for axis in range(1, mask.ndim):
+        if mask.shape[axis] == 1:
+            continue
+        window = tuple(2 * radius + 1 if dim == axis else 1 for dim in range(mask.ndim))
+        pooled = jax.lax.reduce_window(pooled, init, operation, window, (1,) * mask.ndim, "SAME")
+    return pooled
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

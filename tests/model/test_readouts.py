@@ -1,4 +1,4 @@
-"""The longest-diameter readout against shapes whose extent is known, and against a plain loop."""
+"""The longest-diameter readout against shapes whose extent is known and a plain loop; the core and margin pools."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tmesolve.grid import Grid
 from tmesolve.readouts import longest_diameter_mm
@@ -47,3 +48,25 @@ def test_random_masks_match_the_voxel_loop():
     mask = (rng.random((4, 9, 7, 8)) < np.array([0.02, 0.1, 0.5, 0.0])[:, None, None, None]).astype(np.float32)
     diameter = np.asarray(longest_diameter_mm(jnp.asarray(mask), grid))
     np.testing.assert_allclose(diameter, _loop_diameter_mm(mask, grid), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape, radius", [((2, 16, 15, 14), 1), ((2, 16, 15, 14), 3), ((1, 16, 14, 1), 2)])
+def test_core_and_outer_pools_are_box_erosion_and_dilation(shape, radius):
+    """_pool takes the min or max over the box of ±radius voxels (outside the grid: absent
+    for the max, present for the min), as scipy's filters do, in 3-D and in 2-D (nz = 1)."""
+    from scipy import ndimage
+
+    from tmesolve.readouts import _pool
+
+    # A ball of radius 5.5 voxels off the centre, and scattered voxels outside it.
+    rng = np.random.default_rng(radius)
+    index = np.indices(shape[1:]).astype(float)
+    centre = np.array([7.0, 6.5, 6.0])[:len(shape) - 1] if shape[-1] > 1 else np.array([7.0, 6.5, 0.0])
+    ball = sum((index[axis] - centre[axis]) ** 2 for axis in range(3)) <= 5.5**2
+    mask = (ball[None] | (rng.random(shape) < 0.03)).astype(np.float32)
+    size = (1,) + tuple(2 * radius + 1 if n > 1 else 1 for n in shape[1:])
+    eroded = ndimage.minimum_filter(mask, size=size, mode="constant", cval=1.0)
+    dilated = ndimage.maximum_filter(mask, size=size, mode="constant", cval=0.0)
+    np.testing.assert_array_equal(np.asarray(_pool(jnp.asarray(mask), radius, maximum=False)), eroded)
+    np.testing.assert_array_equal(np.asarray(_pool(jnp.asarray(mask), radius, maximum=True)), dilated)
+    assert 0 < eroded.sum() < mask.sum() < dilated.sum() < mask.size   # the masks were neither empty nor full
