@@ -50,7 +50,8 @@ def test_random_masks_match_the_voxel_loop():
     np.testing.assert_allclose(diameter, _loop_diameter_mm(mask, grid), rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("shape, radius", [((2, 16, 15, 14), 1), ((2, 16, 15, 14), 3), ((1, 16, 14, 1), 2)])
+@pytest.mark.parametrize("shape, radius", [((2, 18, 17, 16), 1), ((2, 18, 17, 16), 3), ((1, 18, 16, 1), 2),
+                                           ((1, 5, 1, 24), 3)])
 def test_core_and_outer_pools_are_box_erosion_and_dilation(shape, radius):
     """_pool takes the min or max over the box of ±radius voxels (outside the grid: absent
     for the max, present for the min), as scipy's filters do, in 3-D and in 2-D (nz = 1)."""
@@ -58,11 +59,13 @@ def test_core_and_outer_pools_are_box_erosion_and_dilation(shape, radius):
 
     from tmesolve.readouts import _pool
 
-    # A ball of radius 5.5 voxels off the centre, and scattered voxels outside it.
+    # A ball about the grid's centre of radius 6.7 voxels (a box of ±3 voxels fits well
+    # inside: half-diagonal 5.2), and scattered voxels outside it. The last case has a
+    # window wider than its first axis and a middle axis of length one.
     rng = np.random.default_rng(radius)
     index = np.indices(shape[1:]).astype(float)
-    centre = np.array([7.0, 6.5, 6.0])[:len(shape) - 1] if shape[-1] > 1 else np.array([7.0, 6.5, 0.0])
-    ball = sum((index[axis] - centre[axis]) ** 2 for axis in range(3)) <= 5.5**2
+    centre = (np.array(shape[1:]) - 1) / 2
+    ball = sum((index[axis] - centre[axis]) ** 2 for axis in range(3)) <= 6.7**2
     mask = (ball[None] | (rng.random(shape) < 0.03)).astype(np.float32)
     size = (1,) + tuple(2 * radius + 1 if n > 1 else 1 for n in shape[1:])
     eroded = ndimage.minimum_filter(mask, size=size, mode="constant", cval=1.0)

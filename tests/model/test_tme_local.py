@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,11 +51,12 @@ def test_fused_local_terms_equal_the_plain_reference(x64, therapy):
     plasma = np.asarray(plasma_concentration(systemic, params.schedule.pk))
     reference = tme_reference.local_rates(u, p, float(systemic.T_b), plasma,
                                           steroid_factor=float(steroid_effector_factor(systemic, params.model)))
-    for symbol in SYMBOLS:
-        fused = np.asarray(production[symbol] - loss[symbol] * u[symbol])
+    for symbol in SYMBOLS:   # a field without a term is absent from the dicts
+        made, lost = production.get(symbol, 0.0), loss.get(symbol, 0.0)
+        fused = np.asarray(made - lost * u[symbol])
         scale = np.max(np.abs(reference[symbol])) + 1e-300
         np.testing.assert_allclose(fused, reference[symbol], rtol=1e-10, atol=1e-12 * scale, err_msg=symbol)
-        assert np.all(np.asarray(production[symbol]) >= 0) and np.all(np.asarray(loss[symbol]) >= 0), symbol
+        assert np.all(np.asarray(made) >= 0) and np.all(np.asarray(lost) >= 0), symbol
     np.testing.assert_allclose(np.asarray(extras["killing"]), reference["_killing"], rtol=1e-12)
 
     # Oxygen's local terms as react uses them (with its diffusion, not through
@@ -73,11 +76,9 @@ def test_fused_local_terms_equal_the_plain_reference(x64, therapy):
 
 
 def test_the_reaction_step_skips_exactly_the_fields_without_local_terms(x64):
-    """The fields react() leaves alone are those whose local production and loss are zero
-    by construction: their terms are zero at random states, every other field has some,
-    and a reaction step returns the skipped fields bit for bit."""
-    from tmesolve.model.tme import LOCAL_ZERO_LOSS, LOCAL_ZERO_PRODUCTION
-
+    """react() updates the fields with a local term (after the propagator and oxygen's
+    solve have taken theirs) and returns the others bit for bit; a model that gives a
+    field a term makes it react, with no other change."""
     grid = Grid((6, 5, 4), 20.0)
     setup = setup_tme(grid, [LesionSpec("inflamed", radius_um=30.0), LesionSpec("excluded", radius_um=30.0)],
                       therapy="pembrolizumab", dtype=jnp.float64, parameters={"k_S": 0.01})
@@ -85,41 +86,49 @@ def test_the_reaction_step_skips_exactly_the_fields_without_local_terms(x64):
     systemic = setup.state.aux.systemic
     rng = np.random.default_rng(11)
     u = {k: jnp.asarray(v) for k, v in random_state(rng, (2, *grid.shape)).items()}
-    production, loss, _ = model.local_terms(u, params, systemic, jnp.asarray(0.0))
-    for symbol in LOCAL_ZERO_PRODUCTION:
-        assert not np.any(np.asarray(production[symbol])), symbol
-    for symbol in LOCAL_ZERO_LOSS:
-        assert not np.any(np.asarray(loss[symbol])), symbol
+    time = jnp.asarray(0.0)
+    full_production, full_loss, _ = model.local_terms(u, params, systemic, time)
+    # Host tissue, vessels and antigenicity change only by transport; the cytokines
+    # made in the propagator have no local loss.
+    assert set(SYMBOLS) - set(full_production) == {"H", "V", "a"}
+    assert set(SYMBOLS) - set(full_loss) == {"H", "G", "X", "B", "V", "a"}
 
-    fields = jnp.stack([u[s.symbol] for s in model.species])
-    production, loss, _ = model.reaction_terms(fields, params, systemic, jnp.asarray(0.0))
-    reacting = model.reacting_symbols()
-    assert set(reacting) == {"C", "N", "T", "E", "S", "L", "P", "A1", "A2"}
-    for index, symbol in enumerate(model.species_symbols()):
-        has_terms = bool(np.any(np.asarray(production[index])) or np.any(np.asarray(loss[index])))
-        assert has_terms == (symbol in reacting), symbol
-
-    # The propagator's species have no production here, and only IL-2 among the
-    # fast species takes its decay here (the reference's loss for the others).
-    for symbol in model._produced_in_propagator():
-        assert not np.any(np.asarray(production[model.species_symbols().index(symbol)])), symbol
-    il2 = model.species_symbols().index("L")
-    full_production, full_loss, _ = model.local_terms(u, params, systemic, jnp.asarray(0.0))
-    np.testing.assert_array_equal(np.asarray(production[il2]), np.asarray(full_production["L"]))
-    np.testing.assert_allclose(np.asarray(loss[il2]), np.asarray(full_loss["L"] + params.model["lambda_L"]),
+    production, loss, _ = model._reacting_terms(u, params, systemic, time)
+    reacting = model.reacting_symbols(production, loss)
+    assert reacting == ("L", "A1", "A2", "C", "N", "T", "E", "S", "P")
+    for symbol in reacting:   # every one has a term that is not zero here (k_S > 0 for the stroma)
+        assert np.any(np.asarray(production.get(symbol, 0.0))) or np.any(np.asarray(loss.get(symbol, 0.0))), symbol
+    # The propagator's species have no production here; IL-2 takes its decay here.
+    assert not set(production) & set(model._produced_in_propagator())
+    np.testing.assert_array_equal(np.asarray(production["L"]), np.asarray(full_production["L"]))
+    np.testing.assert_allclose(np.asarray(loss["L"]), np.asarray(full_loss["L"] + params.model["lambda_L"]),
                                rtol=1e-15)
     for symbol in ("C", "N", "T", "E", "S", "P", "A1", "A2"):
-        index = model.species_symbols().index(symbol)
-        np.testing.assert_array_equal(np.asarray(loss[index]), np.asarray(full_loss[symbol]), err_msg=symbol)
-        if symbol not in model._produced_in_propagator():
-            np.testing.assert_array_equal(np.asarray(production[index]), np.asarray(full_production[symbol]),
+        np.testing.assert_array_equal(np.asarray(loss[symbol]), np.asarray(full_loss[symbol]), err_msg=symbol)
+        if symbol in production:
+            np.testing.assert_array_equal(np.asarray(production[symbol]), np.asarray(full_production[symbol]),
                                           err_msg=symbol)
 
+    fields = jnp.stack([u[s.symbol] for s in model.species])
     state = replace(setup.state, fields=fields)
-    stepped = model.react(state, params, jnp.asarray(0.5))
-    for index, symbol in enumerate(model.species_symbols()):
-        unchanged = bool(np.array_equal(np.asarray(stepped.fields[index]), np.asarray(fields[index])))
-        assert unchanged == (symbol not in reacting and symbol != "O"), symbol
+
+    def changed(model_to_step):
+        stepped = model_to_step.react(state, params, jnp.asarray(0.5)).fields
+        return {symbol for index, symbol in enumerate(model.species_symbols())
+                if not np.array_equal(np.asarray(stepped[index]), np.asarray(fields[index]))}
+
+    assert changed(model) == set(reacting) | {"O"}
+
+    class GrowingVessels(type(model)):
+        """Vessels made in proportion to tumour cells: a local term the base model lacks."""
+
+        def local_terms(self, u, params, systemic, time):
+            production, loss, extras = super().local_terms(u, params, systemic, time)
+            return {**production, "V": 1e-3 * u["C"] / params.model["K_max"]}, loss, extras
+
+    growing = copy.copy(model)
+    growing.__class__ = GrowingVessels
+    assert changed(growing) == set(reacting) | {"O", "V"}
 
 
 @pytest.mark.parametrize("therapy", ["none", "nivolumab_ipilimumab", "atezolizumab"])
@@ -145,7 +154,7 @@ def test_each_local_term_is_taken_once_across_the_sub_steps(x64, therapy):
     _, decays = model.linear_coefficients(params)
     oxygen_local, _ = model.oxygen_local_terms(fields, params)
     for index, symbol in enumerate(model.species_symbols()):
-        expected = np.asarray(full_production[symbol] - full_loss[symbol] * u[symbol])
+        expected = np.asarray(full_production.get(symbol, 0.0) - full_loss.get(symbol, 0.0) * u[symbol])
         if symbol in LINEAR_DECAYS:   # MODEL.md's constant decay of the fast species
             expected = expected - float(params.model[LINEAR_DECAYS[symbol]]) * np.asarray(u[symbol])
         taken = np.asarray(production[index] - loss[index] * u[symbol])

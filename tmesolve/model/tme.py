@@ -172,15 +172,6 @@ class TMEAux:
     transport_speed: jax.Array
 
 
-#: Fields whose production (LOCAL_ZERO_PRODUCTION) or per-capita loss
-#: (LOCAL_ZERO_LOSS) in :meth:`TMEModel.local_terms` is zero by construction:
-#: the reaction step skips a field whose two are both zero after
-#: :meth:`TMEModel.reaction_terms` has moved terms to the propagator
-#: (``tests/model/test_tme_local.py`` checks these sets against the terms).
-LOCAL_ZERO_PRODUCTION = ("H", "V", "a")
-LOCAL_ZERO_LOSS = ("H", "G", "X", "B", "V", "a")
-
-
 class _ReactionCarry(NamedTuple):
     """What the two stages of :meth:`TMEModel.react` pass on: the stage state, the
     predictor's terms for the corrector, and oxygen's ROS2 pieces (k₁, the shift
@@ -188,8 +179,8 @@ class _ReactionCarry(NamedTuple):
 
     fields: dict[str, jax.Array]
     systemic: SystemicState
-    production0: tuple[jax.Array, ...]
-    loss0: tuple[jax.Array, ...]
+    production0: dict[str, jax.Array]
+    loss0: dict[str, jax.Array]
     inputs0: SystemicInputs
     oxygen_step1: jax.Array
     oxygen_shift: jax.Array
@@ -207,21 +198,23 @@ def _oxygen_uptake_capacity(u: dict[str, jax.Array], p) -> jax.Array:
     return p["u_C"] * u["C"] + p["u_T"] * (u["T"] + u["E"])
 
 
-def _hill(x: jax.Array, half: jax.Array, n: jax.Array) -> jax.Array:
+def _hill(x: jax.Array, half_saturation: jax.Array, n: jax.Array) -> jax.Array:
     """The Hill fraction xⁿ/(xⁿ + Kⁿ) for x, K ≥ 0 and n > 0 (dimensionless), as
 
         1/(1 + exp(n (ln K − ln x)))
 
     A power with an array exponent (n is a parameter leaf) is slow on XLA's
     CPU backend: ``python -m benchmarks.cpu_patterns`` (16 × 128³ values) timed
-    it at 14× a pass that scales the values, and exp(n ln x) at 4.5×.
+    it at 14.5× a pass that scales the values, and exp(n ln x) at 4.5×.
 
     The limits hold: x = 0 gives ln x = −∞ and the fraction 0, K = 0 the
     fraction 1, and a large exponent overflows to ∞ and gives 0. A value below
     zero by round-off counts as 0 (a power would give NaN there for a
-    non-integer n, and the log for any n).
+    non-integer n, and the log for any n). Not for differentiation: the
+    gradient is NaN at x = 0 or K = 0.
     """
-    return 1.0 / (1.0 + jnp.exp(n * (jnp.log(jnp.maximum(half, 0.0)) - jnp.log(jnp.maximum(x, 0.0)))))
+    log_ratio = jnp.log(jnp.maximum(half_saturation, 0.0)) - jnp.log(jnp.maximum(x, 0.0))
+    return 1.0 / (1.0 + jnp.exp(n * log_ratio))
 
 
 def _per_lesion(value: jax.Array) -> jax.Array:
@@ -327,15 +320,20 @@ class TMEModel(Model):
         production, _, _ = self.local_terms(u, params, state.aux.systemic, state.time)
         zero = jnp.zeros_like(u["C"])
         produced = self._produced_in_propagator()
-        return jnp.stack([production[symbol] if symbol in produced else zero for symbol in FAST])
+        return jnp.stack([production.get(symbol, zero) if symbol in produced else zero for symbol in FAST])
 
     # --- local terms ----------------------------------------------------------
     def local_terms(self, u: dict[str, jax.Array], params: TMEParams, systemic: SystemicState,
                     time: jax.Array):
         """Production P ≥ 0 and per-capita loss Λ ≥ 0 of every field (MODEL.md, 'Key terms').
 
-        Returns (production, loss, extras) where extras holds the rates the
-        systemic compartment needs (killing, extravasation) per voxel.
+        Returns (production, loss, extras) by field symbol, where extras holds
+        the rates the systemic compartment needs (killing, extravasation) per
+        voxel. A field without a term is absent from ``production`` or ``loss``
+        (zero by construction): the reaction step leaves a field alone that is
+        absent from both once the propagator has taken its terms
+        (:meth:`_reacting_terms`), so a model that gives a field a term needs only
+        add it here.
         """
         p = params.model
         K_max = p["K_max"]
@@ -370,13 +368,11 @@ class TMEModel(Model):
         expansion = (p["r_T"] * lymphodepletion * L / (L + p["K_L"]) * engagement * phi_B * T_star * room * steroid)
         activity = engagement * phi_PD * T_star * steroid   # cytokine-releasing engaged cells
 
-        zero = jnp.zeros_like(C)
         production = {
             "C": _per_lesion(p["r_C"]) * phi_O * C * room,
             "N": p["k_nec"] * hypoxic * C,
             "T": extravasation + expansion + p["k_re"] * theta * E,
             "E": p["k_ex"] * H_PD * engagement * T_star,
-            "H": zero,
             "O": _oxygen_supply(u, p) * p["O_b"],
             "G": p["p_G"] * activity,
             "X": ((_per_lesion(p["p_X0"]) + p["p_X"] * G / (G + p["K_GX"])) * (C / K_max + p["s_X"] * S)
@@ -387,28 +383,20 @@ class TMEModel(Model):
             / p["tau_P"],
             "A1": p["k_A"] * V * plasma[0],
             "A2": p["k_A"] * V * plasma[1],
-            "V": zero,
             # Stromal upkeep by TGF-β-activated fibroblasts (off unless k_S > 0).
             "S": _per_lesion(p["k_S"]) * B / (B + p["K_BS"]) * jnp.maximum(1.0 - S, 0.0),
-            "a": zero,
         }
         loss = {
             "C": kill_per_tumour_cell + p["k_nec"] * hypoxic,
             "N": jnp.broadcast_to(p["lambda_N"], C.shape),
             "T": p["k_ex"] * H_PD * engagement * f_spec + p["delta_T"],
             "E": p["k_re"] * theta + p["delta_E"],
-            "H": zero,
             "O": _oxygen_supply(u, p) + p["lambda_O"] + _oxygen_uptake_capacity(u, p) / (O + p["K_Ou"]),
-            "G": zero,
-            "X": zero,
             "L": p["u_L"] * (T + E) / (L + p["K_L"]),
-            "B": zero,
             "P": jnp.broadcast_to(1.0 / p["tau_P"], C.shape),
             "A1": p["k_A"] * V,
             "A2": p["k_A"] * V,
-            "V": zero,
             "S": jnp.where(_per_lesion(p["k_S"]) > 0, p["lambda_S"], 0.0) * jnp.ones_like(S),
-            "a": zero,
         }
         extras = {"killing": killing, "extravasation": extravasation, "occupancy": occupancy}
         return production, loss, extras
@@ -428,49 +416,41 @@ class TMEModel(Model):
         u = self._unstack(fields)
         production, loss, inputs = self._reacting_terms(u, params, systemic, time)
         zero = jnp.zeros_like(u["C"])
-        reacting = dict(zip(self.reacting_symbols(), zip(production, loss, strict=True), strict=True))
-        return (jnp.stack([reacting[symbol][0] if symbol in reacting else zero for symbol in self.species_symbols()]),
-                jnp.stack([reacting[symbol][1] if symbol in reacting else zero for symbol in self.species_symbols()]),
-                inputs)
+        symbols = self.species_symbols()
+        return (jnp.stack([production.get(symbol, zero) for symbol in symbols]),
+                jnp.stack([loss.get(symbol, zero) for symbol in symbols]), inputs)
 
-    def reacting_symbols(self) -> tuple[str, ...]:
-        """Symbols, in species order, of the fields the local sub-step changes (static):
-        all but those whose production and loss in :meth:`reaction_terms` are zero by
-        construction (:data:`LOCAL_ZERO_PRODUCTION`, :data:`LOCAL_ZERO_LOSS`, oxygen,
-        the propagator's terms)."""
-        produced = self._produced_in_propagator()
-
-        def zero_production(symbol):
-            return symbol in LOCAL_ZERO_PRODUCTION or symbol in produced or symbol in STIFF_FAST
-
-        def zero_loss(symbol):
-            decays_here = symbol in LINEAR_DECAYS and symbol not in produced
-            return symbol in STIFF_FAST or (symbol in LOCAL_ZERO_LOSS and not decays_here)
-
-        return tuple(symbol for symbol in self.species_symbols()
-                     if not (zero_production(symbol) and zero_loss(symbol)))
+    def reacting_symbols(self, production: dict, loss: dict) -> tuple[str, ...]:
+        """Symbols, in species order, of the fields with a term in :meth:`_reacting_terms`'s
+        ``production`` or ``loss`` (static: the dicts' keys): the fields the local step changes."""
+        return tuple(symbol for symbol in self.species_symbols() if symbol in production or symbol in loss)
 
     def _reacting_terms(self, u: dict[str, jax.Array], params: TMEParams, systemic: SystemicState,
-                        time: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], SystemicInputs]:
-        """:meth:`reaction_terms` for :meth:`reacting_symbols` only, as tuples of fields.
+                        time: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array], SystemicInputs]:
+        """:meth:`reaction_terms` by field symbol, a field without a term absent.
 
         Why not stacked: XLA's CPU backend writes a stack of sixteen fields as
         sixteen buffers and one more copy (a concatenation it does not fuse): a
-        stack of sixteen scaled rows took 5.2× the same scaling of the stacked
+        stack of sixteen scaled rows took 5.5× the same scaling of the stacked
         array (``python -m benchmarks.cpu_patterns``, 16 × 128³). :meth:`react`
-        updates the fields that react one by one and stacks all of them once per
-        sub-step.
+        updates the fields that have terms one by one and stacks all of them
+        once per sub-step.
         """
         production, loss, extras = self.local_terms(u, params, systemic, time)
         produced = self._produced_in_propagator()
-        reacting = self.reacting_symbols()
-        zero = jnp.zeros_like(u["C"])
+        by_name = {s.name: s.symbol for s in SPECIES}
+        stiff = {by_name[name] for name in self.stiff_fast}
         # The propagator makes its species (the antibodies keep their uptake by
         # vessels here); IL-2's decay, and any fast species' the propagator does
-        # not produce, joins its local loss.
-        production = tuple(zero if symbol in produced else production[symbol] for symbol in reacting)
-        loss = tuple(loss[symbol] + params.model[LINEAR_DECAYS[symbol]]
-                     if symbol in LINEAR_DECAYS and symbol not in produced else loss[symbol] for symbol in reacting)
+        # not produce, joins its local loss; the stiff species react with their
+        # diffusion (oxygen: react's own solve).
+        production = {symbol: rate for symbol, rate in production.items()
+                      if symbol not in produced and symbol not in stiff}
+        loss = {symbol: rate for symbol, rate in loss.items() if symbol not in stiff}
+        for symbol, decay in LINEAR_DECAYS.items():
+            if symbol not in produced and symbol not in stiff:
+                decay_rate = jnp.broadcast_to(params.model[decay], u[symbol].shape).astype(u[symbol].dtype)
+                loss[symbol] = loss[symbol] + params.model[decay] if symbol in loss else decay_rate
         return production, loss, self._systemic_inputs(u, extras, params)
 
     def oxygen_local_terms(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array]:
@@ -555,7 +535,10 @@ class TMEModel(Model):
         # field the local terms do not change is carried, not copied
         # (:meth:`_reacting_terms` says why).
         fields0 = self._unstack(state.fields)
-        reacting = self.reacting_symbols()
+        # Which fields have terms is static (the dicts' keys): read it off a trace of the terms.
+        production_shapes, loss_shapes, _ = jax.eval_shape(self._reacting_terms, fields0, params, systemic0,
+                                                           state.time)
+        reacting = self.reacting_symbols(production_shapes, loss_shapes)
         oxygen0 = fields0["O"]
         gamma_dt = ROS2_GAMMA * dt
         diffusion_coefficient = gamma_dt * _per_lesion(params.model["D_O"])
@@ -564,11 +547,12 @@ class TMEModel(Model):
 
         def predictor(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production, loss, inputs, oxygen_rate0, local0, derivative0 = stage_terms
-            # Oxygen has no local terms here (reaction_terms), so it stays at Oⁿ, and
+            # Oxygen has no local terms here (_reacting_terms), so it stays at Oⁿ, and
             # only the local part of F changes with the cells: γΔt·F_t from it alone.
             fields = dict(fields0)
-            for symbol, rate_in, rate_out in zip(reacting, production, loss, strict=True):
-                fields[symbol] = _frozen_exponential(fields0[symbol], rate_in, rate_out, dt)
+            for symbol in reacting:
+                fields[symbol] = _frozen_exponential(fields0[symbol], production.get(symbol, 0.0),
+                                                     loss.get(symbol, 0.0), dt)
             local_moved_cells, _ = self._oxygen_local_terms(fields, params)
             time_term = ROS2_GAMMA * (local_moved_cells - local0)
             return _ReactionCarry(
@@ -580,9 +564,10 @@ class TMEModel(Model):
         def corrector(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production1, loss1, inputs1, oxygen_rate1, _, _ = stage_terms
             fields = dict(fields0)
-            for symbol, rate_in0, rate_out0, rate_in1, rate_out1 in zip(
-                    reacting, carry.production0, carry.loss0, production1, loss1, strict=True):
-                fields[symbol] = exponential_trapezoid(fields0[symbol], rate_in0, rate_out0, rate_in1, rate_out1, dt)
+            for symbol in reacting:
+                fields[symbol] = exponential_trapezoid(
+                    fields0[symbol], carry.production0.get(symbol, 0.0), carry.loss0.get(symbol, 0.0),
+                    production1.get(symbol, 0.0), loss1.get(symbol, 0.0), dt)
             # Extravasation is proportional to T_b; the systemic step applies it as a
             # loss rate J/(V_blood·T_b(t)), so average the clearance J/T_b (µL/h), not J,
             # or the coupling drops to first order.
@@ -614,9 +599,10 @@ class TMEModel(Model):
         dtype = state.fields.dtype
         no_inputs = SystemicInputs(antigen_flux=jnp.zeros((), dtype), extravasation=jnp.zeros((), dtype))
         oxygen_zeros = jnp.zeros_like(oxygen0)
-        no_terms = tuple(oxygen_zeros for _ in reacting)
-        start = _ReactionCarry(fields=fields0, systemic=systemic0, production0=no_terms,
-                               loss0=no_terms, inputs0=no_inputs, oxygen_step1=oxygen_zeros,
+        start = _ReactionCarry(fields=fields0, systemic=systemic0,
+                               production0={symbol: oxygen_zeros for symbol in production_shapes},
+                               loss0={symbol: oxygen_zeros for symbol in loss_shapes},
+                               inputs0=no_inputs, oxygen_step1=oxygen_zeros,
                                oxygen_shift=jnp.ones_like(oxygen0), oxygen_time_term=oxygen_zeros,
                                oxygen_right_hand_side=oxygen_zeros)
         end = jax.lax.fori_loop(0, 2, stage, start, unroll=self.unroll_stages)
