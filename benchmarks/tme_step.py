@@ -9,7 +9,12 @@ number of steps (read back from ``diagnostics["steps"]``). One lesion is
 
 Figures per case:
 
-* ``time_per_step_s``, ``steps_per_s``; ``voxel_updates_per_s`` = voxels ×
+* ``time_per_step_s`` (best call time over its steps, the call's one record
+  of readouts included), ``steps_per_s``; ``time_per_step_slope_s``: the slope
+  between the best calls of ``steps_per_timed_call`` and ``steps_per_long_call``
+  (twice as many) steps, the step alone, and ``per_call_overhead_s`` its
+  intercept (a record and begin_interval): compare commits by the slope when
+  their calls hold different step counts; ``voxel_updates_per_s`` = voxels ×
   16 fields × lesions × steps / s; ``lesion_steps_per_s`` = lesions × steps / s.
 * ``compile_s``: ``integrator._advance.lower(...).compile()`` (lowering timed
   apart as ``lower_s``); ``compile_persistent_cache_s``: the same again after
@@ -255,6 +260,12 @@ def measure_case(
     calls = [advance(steps_per_call) for _ in range(max(1, repeats))]
     best_s, best_steps, _ = min(calls, key=lambda call: call[0] / call[1])
     time_per_step = best_s / best_steps
+    # Calls of twice the steps: the slope is the step alone, without what a call pays
+    # once (begin_interval, the readouts of its one record), which the intercept gives.
+    long_calls = [advance(2 * steps_per_call) for _ in range(max(1, repeats))]
+    long_s, long_steps, _ = min(long_calls, key=lambda call: call[0] / call[1])
+    slope = (long_s - best_s) / (long_steps - best_steps) if long_steps > best_steps else None
+    calls += long_calls
     result.update(
         {
             "first_call_s": first_s,
@@ -262,6 +273,9 @@ def measure_case(
             "steps_per_timed_call": best_steps,
             "timed_calls": len(calls),
             "time_per_step_s": time_per_step,
+            "steps_per_long_call": long_steps,
+            "time_per_step_slope_s": slope,
+            "per_call_overhead_s": None if slope is None else best_s - best_steps * slope,
             "steps_per_s": 1.0 / time_per_step,
             "voxel_updates_per_s": values / time_per_step,
             "lesion_steps_per_s": lesions / time_per_step,
@@ -334,13 +348,14 @@ def table(result: dict) -> list[str]:
     """Human-readable lines of the TME section."""
     lines = [
         f"TME full step (16 fields, dt = {result['dt_h']} h, Strang, float32):",
-        f"  {'case':<10} {'s/step':>9} {'steps/s':>8} {'Mvox-upd/s':>10} {'lesion-st/s':>11} "
+        f"  {'case':<10} {'s/step':>9} {'slope':>9} {'steps/s':>8} {'Mvox-upd/s':>10} {'lesion-st/s':>11} "
         f"{'compile s':>9} {'cache s':>8} {'loop c. s':>9} {'x stencil':>9} {'roofline':>8} {'MiB resident':>12}",
     ]
     for case in result["cases"]:
         cached = case.get("compile_persistent_cache_s")
         loop_cached = case.get("compile_loop_cache_s")
         fraction = case.get("touch_once_fraction_of_roofline")
+        slope = case.get("time_per_step_slope_s")
         memory = case.get("memory") or {}
         resident = (
             memory.get("argument_size_in_bytes", 0)
@@ -350,7 +365,7 @@ def table(result: dict) -> list[str]:
         ) / 2**20
         lines.append(
             f"  {case['lesions']}x{case['N']}^3{'':<{max(0, 5 - len(str(case['N'])))}}"
-            f"{case['time_per_step_s']:9.4f} {case['steps_per_s']:8.2f} "
+            f"{case['time_per_step_s']:9.4f} {'' if slope is None else f'{slope:.4f}':>9} {case['steps_per_s']:8.2f} "
             f"{case['voxel_updates_per_s'] / 1e6:10.1f} "
             f"{case['lesion_steps_per_s']:11.2f} {case['compile_s']:9.1f} "
             f"{'' if cached is None else f'{cached:.1f}':>8} "

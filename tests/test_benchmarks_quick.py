@@ -95,6 +95,12 @@ def test_quick_tme_step(tmp_path):
         assert positive(case[key]), key
     assert case["finite"] and case["traces"] == 1
     assert positive(case["cost_analysis_chunk"]["bytes_accessed"])
+    # The slope and intercept reproduce the timed call they come from (a 16³ step is
+    # too short for the slope's sign to mean anything here).
+    assert case["steps_per_long_call"] > case["steps_per_timed_call"]
+    short_call_s = case["time_per_step_s"] * case["steps_per_timed_call"]
+    rebuilt_s = case["per_call_overhead_s"] + case["time_per_step_slope_s"] * case["steps_per_timed_call"]
+    assert math.isclose(rebuilt_s, short_call_s, rel_tol=1e-3)   # rounded to a few significant digits in the JSON
 
 
 @pytest.mark.slow
