@@ -449,8 +449,7 @@ class TMEModel(Model):
         loss = {symbol: rate for symbol, rate in loss.items() if symbol not in stiff}
         for symbol, decay in LINEAR_DECAYS.items():
             if symbol not in produced and symbol not in stiff:
-                decay_rate = jnp.broadcast_to(params.model[decay], u[symbol].shape).astype(u[symbol].dtype)
-                loss[symbol] = loss[symbol] + params.model[decay] if symbol in loss else decay_rate
+                loss[symbol] = loss.get(symbol, jnp.zeros_like(u[symbol])) + params.model[decay]
         return production, loss, self._systemic_inputs(u, extras, params)
 
     def oxygen_local_terms(self, fields: jax.Array, params: TMEParams) -> tuple[jax.Array, jax.Array]:
