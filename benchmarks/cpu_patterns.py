@@ -17,8 +17,12 @@ and :func:`tmesolve.model.tme._hill` are written:
   exponent is a parameter;
 * ``exp_log``: the same power as exp(1.7·ln x), and ``exp`` alone.
 
-Reports ms per pass, each as a ratio to ``scale_stack`` in the same process,
-with the machine; JSON with ``--out``.
+Reports ms per pass, each as a ratio to ``scale_stack`` in the same process.
+Apart (``pools``), one lesion's tumour mask of N³ voxels eroded over a box of
+±``POOL_RADIUS`` voxels, the readouts' core (:func:`tmesolve.readouts._pool`),
+as one 3-D ``reduce_window`` (the reference) and as the three 1-D windows the
+readouts use: ms per call, best of ``--repeats``, and whether they agree.
+With the machine; JSON with ``--out``.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ import jax.numpy as jnp
 import tmesolve  # noqa: F401  - sets tmesolve's XLA options, as a run has them
 from benchmarks import best_time_s, ratio, rounded, write_json
 from benchmarks.machine import machine_info
+from tmesolve.readouts import _pool
 
 #: Passes per loop at most: the power pattern takes x ∈ [0.5, 1] to x^(1.7^k), which
 #: leaves float32's normal range (about 1e-38) past k ≈ 8.
 MAX_STEPS = 8
+#: The readouts' margin half-width in voxels for the TME benchmark's lesions
+#: (100 µm band at 20 µm voxels: TMEModel.margin_cells).
+POOL_RADIUS = 2
 
 
 def _patterns(fields: int) -> tuple[dict, jax.Array]:
@@ -74,6 +82,27 @@ def measure(shape: int, fields: int, steps: int, repeats: int) -> dict:
     return result
 
 
+def measure_pools(shape: int, repeats: int, radius: int = POOL_RADIUS) -> dict:
+    """ms per erosion of one N³ mask: a 3-D window against one 1-D window per axis."""
+    mask = (jax.random.uniform(jax.random.key(1), (1, shape, shape, shape)) > 0.3).astype(jnp.float32)
+    window = (1,) + (2 * radius + 1,) * 3
+    forms = {
+        "window_3d": lambda m: jax.lax.reduce_window(m, jnp.inf, jax.lax.min, window, (1, 1, 1, 1), "SAME"),
+        "windows_per_axis": lambda m: _pool(m, radius, maximum=False),
+    }
+    result, eroded = {}, {}
+    for name, form in forms.items():
+        compiled = jax.jit(form).lower(mask).compile()
+        eroded[name] = compiled(mask)
+        result[name] = {"ms_per_call": best_time_s(lambda compiled=compiled: compiled(mask), repeats) * 1e3}
+    reference = result["window_3d"]["ms_per_call"]
+    for figures in result.values():
+        figures["ratio_to_window_3d"] = ratio(figures["ms_per_call"], reference)
+    result["radius"] = radius
+    result["identical"] = bool(jnp.array_equal(eroded["window_3d"], eroded["windows_per_axis"]))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, default=128)
@@ -91,8 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
     patterns = measure(args.shape, args.fields, args.steps, args.repeats)
     for name, figures in patterns.items():
         print(f"{name:22s} {figures['ms_per_pass']:8.2f} ms  {figures['ratio_to_scale_stack']:5.2f}× scale_stack")
+    pools = measure_pools(args.shape, args.repeats)
+    for name in ("window_3d", "windows_per_axis"):
+        print(f"erosion, {name:16s} {pools[name]['ms_per_call']:8.2f} ms  "
+              f"{pools[name]['ratio_to_window_3d']:6.4f}× window_3d (r = {pools['radius']})")
+    print(f"erosions identical: {pools['identical']}")
     result = {"machine": machine_info(), "shape": args.shape, "fields": args.fields, "steps": args.steps,
-              "patterns": rounded(patterns)}
+              "patterns": rounded(patterns), "pools": rounded(pools)}
     if args.out:
         write_json(args.out, result)
     return result

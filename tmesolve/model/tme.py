@@ -597,13 +597,13 @@ class TMEModel(Model):
 
         dtype = state.fields.dtype
         no_inputs = SystemicInputs(antigen_flux=jnp.zeros((), dtype), extravasation=jnp.zeros((), dtype))
-        oxygen_zeros = jnp.zeros_like(oxygen0)
+        zero_field = jnp.zeros_like(oxygen0)
         start = _ReactionCarry(fields=fields0, systemic=systemic0,
-                               production0={symbol: oxygen_zeros for symbol in production_shapes},
-                               loss0={symbol: oxygen_zeros for symbol in loss_shapes},
-                               inputs0=no_inputs, oxygen_step1=oxygen_zeros,
-                               oxygen_shift=jnp.ones_like(oxygen0), oxygen_time_term=oxygen_zeros,
-                               oxygen_right_hand_side=oxygen_zeros)
+                               production0={symbol: zero_field for symbol in production_shapes},
+                               loss0={symbol: zero_field for symbol in loss_shapes},
+                               inputs0=no_inputs, oxygen_step1=zero_field,
+                               oxygen_shift=jnp.ones_like(oxygen0), oxygen_time_term=zero_field,
+                               oxygen_right_hand_side=zero_field)
         end = jax.lax.fori_loop(0, 2, stage, start, unroll=self.unroll_stages)
         fields, systemic = self._stack(end.fields), end.systemic
         fields = self._extinction(fields, params)
