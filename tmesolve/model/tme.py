@@ -205,7 +205,7 @@ def _hill(x: jax.Array, half_saturation: jax.Array, n: jax.Array) -> jax.Array:
 
     A power with an array exponent (n is a parameter leaf) is slow on XLA's
     CPU backend: ``python -m benchmarks.cpu_patterns`` (16 × 128³ values) timed
-    it at 14.5× a pass that scales the values, and exp(n ln x) at 4.6×.
+    it at 12.6–14.5× a pass that scales the values, and exp(n ln x) at 3.8–4.6×.
 
     The limits hold: x = 0 gives ln x = −∞ and the fraction 0, K = 0 the
     fraction 1, and a large exponent overflows to ∞ and gives 0. A value below
@@ -431,7 +431,7 @@ class TMEModel(Model):
 
         Why not stacked: XLA's CPU backend writes a stack of sixteen fields as
         sixteen buffers and one more copy (a concatenation it does not fuse): a
-        stack of sixteen scaled rows took 5.1× the same scaling of the stacked
+        stack of sixteen scaled rows took 4.3–5.1× the same scaling of the stacked
         array (``python -m benchmarks.cpu_patterns``, 16 × 128³). :meth:`react`
         updates the fields that have terms one by one and stacks all of them
         once per sub-step.
