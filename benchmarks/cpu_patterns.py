@@ -22,6 +22,10 @@ Apart (``pools``), one lesion's tumour mask of N³ voxels eroded over a box of
 ±``POOL_RADIUS`` voxels, the readouts' core (:func:`tmesolve.readouts._pool`),
 as one 3-D ``reduce_window`` (the reference) and as the three 1-D windows the
 readouts use: ms per call, best of ``--repeats``, and whether they agree.
+Apart too (``transforms``), a forward and inverse transform of the fast
+species' stack (``TRANSFORMED_FIELDS`` fields of N³, no-flux walls) by
+:class:`tmesolve.spectral.Eigenbasis`, the stack at once (the reference) and one field
+at a time, as it runs on a CPU.
 With the machine; JSON with ``--out``.
 """
 
@@ -35,7 +39,10 @@ import jax.numpy as jnp
 import tmesolve  # noqa: F401  - sets tmesolve's XLA options, as a run has them
 from benchmarks import best_time_s, ratio, rounded, write_json
 from benchmarks.machine import machine_info
+from tmesolve.grid import Grid
+from tmesolve.operators import FaceBoundary
 from tmesolve.readouts import _pool
+from tmesolve.spectral import Eigenbasis
 
 #: Passes per loop at most: the power pattern takes x ∈ [0.5, 1] to x^(1.7^k), which
 #: leaves float32's normal range (about 1e-38) past k ≈ 8.
@@ -43,6 +50,8 @@ MAX_STEPS = 8
 #: The readouts' margin half-width in voxels for the TME benchmark's lesions
 #: (100 µm band at 20 µm voxels: TMEModel.margin_cells).
 POOL_RADIUS = 2
+#: The TME model's fast species (oxygen, IFN-γ, CXCL9/10, IL-2, TGF-β, two antibodies).
+TRANSFORMED_FIELDS = 7
 
 
 def _patterns(fields: int) -> tuple[dict, jax.Array]:
@@ -103,6 +112,26 @@ def measure_pools(shape: int, repeats: int, radius: int = POOL_RADIUS) -> dict:
     return result
 
 
+def measure_transforms(shape: int, repeats: int, fields: int = TRANSFORMED_FIELDS) -> dict:
+    """ms per round trip (forward, then inverse) of a stack of N³ fields: at once and field by field."""
+    basis = Eigenbasis(Grid((shape,) * 3, 20.0), FaceBoundary())
+    stack = jax.random.uniform(jax.random.key(2), (fields, 1, shape, shape, shape), jnp.float32)
+    result, round_trips = {}, {}
+    for name, field_by_field in (("whole_stack", False), ("field_by_field", True)):
+        compiled = jax.jit(lambda u, f=field_by_field: basis.inverse(basis.forward(u, f), f)).lower(stack).compile()
+        round_trips[name] = compiled(stack)
+        result[name] = {"ms_per_round_trip": best_time_s(lambda compiled=compiled: compiled(stack), repeats) * 1e3}
+    reference = result["whole_stack"]["ms_per_round_trip"]
+    for figures in result.values():
+        figures["ratio_to_whole_stack"] = ratio(figures["ms_per_round_trip"], reference)
+    result["fields"] = fields
+    result["identical"] = bool(jnp.array_equal(round_trips["whole_stack"], round_trips["field_by_field"]))
+    result["max_difference_between_forms"] = float(jnp.max(jnp.abs(round_trips["whole_stack"]
+                                                                   - round_trips["field_by_field"])))
+    result["max_round_trip_error"] = float(jnp.max(jnp.abs(round_trips["field_by_field"] - stack)))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, default=128)
@@ -125,8 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"erosion, {name:16s} {pools[name]['ms_per_call']:8.2f} ms  "
               f"{pools[name]['ratio_to_window_3d']:6.4f}× window_3d (r = {pools['radius']})")
     print(f"erosions identical: {pools['identical']}")
+    transforms = measure_transforms(args.shape, args.repeats)
+    for name in ("whole_stack", "field_by_field"):
+        figures = transforms[name]
+        print(f"transform round trip of {transforms['fields']} fields, {name:14s} "
+              f"{figures['ms_per_round_trip']:8.2f} ms  {figures['ratio_to_whole_stack']:5.2f}× whole_stack")
+    print(f"round trips identical: {transforms['identical']} (largest error of a round trip "
+          f"{transforms['max_round_trip_error']:.1e})")
     result = {"machine": machine_info(), "shape": args.shape, "fields": args.fields, "steps": args.steps,
-              "patterns": rounded(patterns), "pools": rounded(pools)}
+              "patterns": rounded(patterns), "pools": rounded(pools), "transforms": rounded(transforms)}
     if args.out:
         write_json(args.out, result)
     return result

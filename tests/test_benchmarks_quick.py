@@ -198,3 +198,9 @@ def test_cpu_patterns_agree_with_their_twins(tmp_path):
     pools = json.loads(out.read_text())["pools"]
     assert pools["identical"] is True and pools["radius"] == cpu_patterns.POOL_RADIUS
     assert positive(pools["window_3d"]["ms_per_call"]) and positive(pools["windows_per_axis"]["ms_per_call"])
+    transforms = json.loads(out.read_text())["transforms"]
+    assert transforms["fields"] == cpu_patterns.TRANSFORMED_FIELDS
+    for name in ("whole_stack", "field_by_field"):
+        assert positive(transforms[name]["ms_per_round_trip"]) and positive(transforms[name]["ratio_to_whole_stack"])
+    # Values in [0, 1): both forms and the round trip agree to float32 round-off.
+    assert transforms["max_difference_between_forms"] < 1e-5 and transforms["max_round_trip_error"] < 1e-5

@@ -262,3 +262,41 @@ def test_a_misnamed_source_species_is_refused_before_anything_compiles(setting, 
     setattr(model, setting, value)
     with pytest.raises(ValueError, match=message):
         SplitStepper(model)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float64, 1e-13), (jnp.float32, 2e-6)])
+def test_field_by_field_transforms_equal_the_stacked_ones(x64, dtype, tolerance):
+    """A CPU transforms a stack one field at a time (Eigenbasis._apply); a GPU the stack at once.
+
+    Both are the same products on the same numbers, so they agree to the
+    round-off of a product's summation order (tolerance relative to the largest
+    value: a few ulp of the 6-term sums); the mixed walls take DCT-IV/DST rows.
+    """
+    from tmesolve.operators import NO_FLUX
+    from tmesolve.spectral import Eigenbasis
+
+    walls = FaceBoundary(((0.0, NO_FLUX), (NO_FLUX, NO_FLUX), (1.0, 1.0)))
+    basis = Eigenbasis(Grid((6, 5, 4), 20.0), walls)
+    stack = jnp.asarray(np.random.default_rng(5).uniform(-1.0, 1.0, (3, 2, 6, 5, 4)), dtype)
+    for transform in (basis.forward, basis.inverse):
+        each, whole = transform(stack, True), transform(stack, False)
+        assert each.shape == whole.shape == stack.shape and each.dtype == dtype
+        assert float(jnp.max(jnp.abs(each - whole))) <= tolerance * float(jnp.max(jnp.abs(whole)))
+    # The round trip is the identity (orthonormal bases), field by field too.
+    back = basis.inverse(basis.forward(stack, True), True)
+    assert float(jnp.max(jnp.abs(back - stack))) <= 10 * tolerance
+
+
+def test_the_cpu_transforms_a_stack_in_a_loop_over_its_fields():
+    """On the CPU backend the default transform of a stack compiles to one loop over its fields; one field needs none."""
+    import jax
+
+    from tmesolve.spectral import Eigenbasis, transforms_field_by_field
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the stacked form is the default off the CPU")
+    assert transforms_field_by_field()
+    basis = Eigenbasis(Grid((8, 8, 8), 20.0), FaceBoundary())
+    stack_program = jax.jit(basis.forward).lower(jnp.ones((4, 1, 8, 8, 8), jnp.float32)).as_text()
+    field_program = jax.jit(basis.forward).lower(jnp.ones((1, 8, 8, 8), jnp.float32)).as_text()
+    assert "stablehlo.while" in stack_program and "stablehlo.while" not in field_program
