@@ -117,9 +117,10 @@ class Eigenbasis:
         loop body compiled): each field's transposes and products then stay in
         the caches, where on the whole stack XLA lays out the operands of the
         first and middle axes through memory. A round trip of seven 128³ fields
-        (the TME model's fast species) took 0.57–0.66 of the stacked time on the
+        (the TME model's fast species) took 0.56–0.57 of the stacked time on the
         2-core development VM (``python -m benchmarks.cpu_patterns``, its
-        ``transforms``), the same values bit for bit there.
+        ``transforms``; ``benchmarks/results/cpu-patterns-runs/11da605-run*.json``),
+        the same values bit for bit there.
         """
         if field_by_field is None:
             field_by_field = transforms_field_by_field()
