@@ -22,9 +22,10 @@ Apart (``pools``), one lesion's tumour mask of N³ voxels eroded over a box of
 ±``POOL_RADIUS`` voxels, the readouts' core (:func:`tmesolve.readouts._pool`),
 as one 3-D ``reduce_window`` (the reference) and as the three 1-D windows the
 readouts use: ms per call, best of ``--repeats``, and whether they agree.
-Apart too (``transforms``), a forward and inverse transform of the fast
-species' stack (``TRANSFORMED_FIELDS`` fields of N³, no-flux walls) by
-:class:`tmesolve.spectral.Eigenbasis`, the stack at once (the reference) and one field
+Apart too (``transforms``), a forward and inverse transform of a stack of
+``TRANSFORMED_FIELDS`` fields of N³ (no-flux walls), the largest stack the TME
+model's spectral step transforms per lesion, by
+:class:`tmesolve.spectral.Eigenbasis`: the stack at once (the reference) and one field
 at a time, as it runs on a CPU.
 With the machine; JSON with ``--out``.
 """
@@ -50,8 +51,10 @@ MAX_STEPS = 8
 #: The readouts' margin half-width in voxels for the TME benchmark's lesions
 #: (100 µm band at 20 µm voxels: TMEModel.margin_cells).
 POOL_RADIUS = 2
-#: The TME model's fast species (oxygen, IFN-γ, CXCL9/10, IL-2, TGF-β, two antibodies).
-TRANSFORMED_FIELDS = 7
+#: The fields the TME model's spectral step transforms together per lesion: TGF-β and
+#: the two antibodies (ETD1; IFN-γ and CXCL9/10 are a stack of two, ETD2RK). Oxygen is
+#: solved in the reaction step (one field per lesion), IL-2 by the separable propagator.
+TRANSFORMED_FIELDS = 3
 
 
 def _patterns(fields: int) -> tuple[dict, jax.Array]:

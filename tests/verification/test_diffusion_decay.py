@@ -270,21 +270,25 @@ def test_field_by_field_transforms_equal_the_stacked_ones(x64, dtype, tolerance)
 
     Both are the same products on the same numbers, so they agree to the
     round-off of a product's summation order (tolerance relative to the largest
-    value: a few ulp of the 6-term sums); the mixed walls take DCT-IV/DST rows.
+    value: a few ulp of the 6-term sums). The walls give each axis its own
+    basis (x: fixed/no-flux, DST-IV; y: no-flux, DCT-II; z: fixed, DST-II);
+    stacks of one and two leading axes, and a 2-D grid (nz = 1).
     """
     from tmesolve.operators import NO_FLUX
     from tmesolve.spectral import Eigenbasis
 
     walls = FaceBoundary(((0.0, NO_FLUX), (NO_FLUX, NO_FLUX), (1.0, 1.0)))
-    basis = Eigenbasis(Grid((6, 5, 4), 20.0), walls)
-    stack = jnp.asarray(np.random.default_rng(5).uniform(-1.0, 1.0, (3, 2, 6, 5, 4)), dtype)
-    for transform in (basis.forward, basis.inverse):
-        each, whole = transform(stack, True), transform(stack, False)
-        assert each.shape == whole.shape == stack.shape and each.dtype == dtype
-        assert float(jnp.max(jnp.abs(each - whole))) <= tolerance * float(jnp.max(jnp.abs(whole)))
-    # The round trip is the identity (orthonormal bases), field by field too.
-    back = basis.inverse(basis.forward(stack, True), True)
-    assert float(jnp.max(jnp.abs(back - stack))) <= 10 * tolerance
+    rng = np.random.default_rng(5)
+    for grid_shape, leading in (((6, 5, 4), (3, 2)), ((6, 5, 4), (4,)), ((6, 5, 1), (3,))):
+        basis = Eigenbasis(Grid(grid_shape, 20.0), walls)
+        stack = jnp.asarray(rng.uniform(-1.0, 1.0, leading + grid_shape), dtype)
+        for transform in (basis.forward, basis.inverse):
+            each, whole = transform(stack, True), transform(stack, False)
+            assert each.shape == whole.shape == stack.shape and each.dtype == dtype
+            assert float(jnp.max(jnp.abs(each - whole))) <= tolerance * float(jnp.max(jnp.abs(whole)))
+        # The round trip is the identity (orthonormal bases), field by field too.
+        back = basis.inverse(basis.forward(stack, True), True)
+        assert float(jnp.max(jnp.abs(back - stack))) <= 10 * tolerance
 
 
 def test_the_cpu_transforms_a_stack_in_a_loop_over_its_fields():
