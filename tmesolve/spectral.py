@@ -114,13 +114,15 @@ class Eigenbasis:
 
         On a CPU (``field_by_field`` None: :func:`transforms_field_by_field`) a
         stack of fields is transformed one field at a time (``lax.map``, one
-        loop body compiled): each field's transposes and products then stay in
-        the caches, where on the whole stack XLA lays out the operands of the
-        first and middle axes through memory. A round trip of seven 128³ fields
-        (the TME model's fast species) took 0.56–0.57 of the stacked time on the
-        2-core development VM (``python -m benchmarks.cpu_patterns``, its
-        ``transforms``; ``benchmarks/results/cpu-patterns-runs/11da605-run*.json``),
-        the same values bit for bit there.
+        loop body compiled), most likely so that each field's transposes and
+        products stay in the caches, where on the whole stack XLA lays out the
+        operands of the first and middle axes through memory. A round trip of
+        three 128³ fields (the largest stack the TME spectral step transforms per
+        lesion) took 0.52–0.67 of the stacked time on the 2-core development VM,
+        of seven 0.56–0.57 (``python -m benchmarks.cpu_patterns``, its
+        ``transforms``; ``benchmarks/results/cpu-patterns-runs/``), the same
+        values bit for bit there; the full TME step at 1 × 128³ ran 1.16–1.3×
+        faster (docs/performance.md).
         """
         if field_by_field is None:
             field_by_field = transforms_field_by_field()
