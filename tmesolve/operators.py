@@ -103,26 +103,13 @@ def _net_face_values(face_values: Sequence[jnp.ndarray | None],
             continue
         ax = _spatial_axis(interior, axis)
         low, high = (None, None) if wall_values is None else wall_values[axis]
-        # G_{i+½} and G_{i−½} of every cell: the interior faces padded by one zero
-        # (a no-flux wall) at the high and at the low end, and a wall's own value
-        # put in by a select on the cell index. XLA's CPU backend fuses pads and
-        # selects into the difference, where it ran a concatenation of the walls
-        # with the interior faces as separate copies along z (docs/performance.md).
-        zero = jnp.zeros((), interior.dtype)
-        at_high, at_low = [(0, 0, 0)] * interior.ndim, [(0, 0, 0)] * interior.ndim
-        at_high[ax], at_low[ax] = (0, 1, 0), (1, 0, 0)
-        upper = jax.lax.pad(interior, zero, at_high)
-        lower = jax.lax.pad(interior, zero, at_low)
-        if low is not None or high is not None:
-            cells = interior.shape[ax] + 1
-            index_shape = [1] * interior.ndim
-            index_shape[ax] = cells
-            index = jax.lax.broadcasted_iota(jnp.int32, index_shape, ax)
-            if high is not None:
-                upper = jnp.where(index == cells - 1, high, upper)
-            if low is not None:
-                lower = jnp.where(index == 0, low, lower)
-        difference = upper - lower
+        edge_shape = list(interior.shape)
+        edge_shape[ax] = 1
+        zeros = jnp.zeros(edge_shape, interior.dtype)
+        low = zeros if low is None else low
+        high = zeros if high is None else high
+        all_faces = jnp.concatenate([low, interior, high], axis=ax)
+        difference = _slice(all_faces, ax, 1, None) - _slice(all_faces, ax, None, -1)
         total = difference if total is None else total + difference
     if total is None:
         if shape_like is None:
