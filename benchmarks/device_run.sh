@@ -15,6 +15,9 @@
 #            one patient in its own process
 #   tests    the verification and model tests on the device (float32 and float64; not the
 #            19 s well-mixed run against solve_ivp, which needs only the CPU to check)
+#   patterns (not run unless named in PARTS, 45 s) benchmarks.cpu_patterns on the device:
+#            among others whether a stack's transforms run faster field by field there too
+#            (tmesolve.spectral.transforms_field_by_field chooses that on CPUs only)
 #
 # Needs JAX with its GPU plugin, numpy, h5py, PyYAML (the cohort presets) and
 # pytest; the benchmarks and these tests do not import Hydra or lifelines, so
@@ -56,7 +59,8 @@ for name in $PARTS; do
                      --singles 1 --out "$OUT/cohort-batch.json" ;;
         tests)   part tests 60 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/verification \
                      tests/model/test_tme_local.py tests/model/test_oxygen.py -k "not well_mixed" ;;
-        *)       echo "unknown part: $name (expected pde50, tme, largest, cohort, tests)" | tee -a "$OUT/log.txt"
+        patterns) part patterns 45 "$PYTHON" -m benchmarks.cpu_patterns --out "$OUT/patterns.json" ;;
+        *)       echo "unknown part: $name (expected pde50, tme, largest, cohort, tests, patterns)" | tee -a "$OUT/log.txt"
                  failed=1 ;;
     esac
 done
