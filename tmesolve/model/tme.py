@@ -103,6 +103,8 @@ SPECIES: tuple[Species, ...] = (
     Species("pd_l1", "P", "1", N, "PD-L1 expression per tumour cell"),
 )
 SYMBOLS = {s.symbol: i for i, s in enumerate(SPECIES)}
+#: Each species' symbol by its name.
+SYMBOL_BY_NAME = {s.name: s.symbol for s in SPECIES}
 FAST = ("O", "G", "X", "L", "B", "A1", "A2")
 PHASES = ("C", "N", "T", "E", "H")          # the saturated mixture, Σ = K_max
 CARRIED_MAPS = ("V", "S", "a")
@@ -274,14 +276,12 @@ class TMEModel(Model):
         return jnp.stack([values[symbol] for symbol in self.species_symbols()])
 
     def species_symbols(self):
-        by_name = {s.name: s.symbol for s in SPECIES}
-        return [by_name[s.name] for s in self.species]
+        return [SYMBOL_BY_NAME[s.name] for s in self.species]
 
     # --- fast linear species -------------------------------------------------
     def _produced_in_propagator(self) -> tuple[str, ...]:
         """Symbols of :attr:`linear_source_species` (static)."""
-        by_name = {s.name: s.symbol for s in SPECIES}
-        return tuple(by_name[name] for name in self.linear_source_species)
+        return tuple(SYMBOL_BY_NAME[name] for name in self.linear_source_species)
 
     def linear_coefficients(self, params: TMEParams):
         """D and λ of O, G, X, L, B, A1, A2 for the spectral propagator (λ = 0 for O and L).
@@ -438,8 +438,7 @@ class TMEModel(Model):
         """
         production, loss, extras = self.local_terms(u, params, systemic, time)
         produced = self._produced_in_propagator()
-        by_name = {s.name: s.symbol for s in SPECIES}
-        stiff = {by_name[name] for name in self.stiff_fast}
+        stiff = {SYMBOL_BY_NAME[name] for name in self.stiff_fast}
         # The propagator makes its species (the antibodies keep their uptake by
         # vessels here); IL-2's decay, and any fast species' the propagator does
         # not produce, joins its local loss; the stiff species react with their

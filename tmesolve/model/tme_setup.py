@@ -166,8 +166,7 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
     initial["H"] = np.maximum(K_max - C, 0.0)
     initial["O"] = np.full(shape, float(model_params["O_b"]))
     initial["P"] = np.broadcast_to(np.asarray(model_params["P_0"])[:, None, None, None], shape).copy()
-    by_name = {s.name: s.symbol for s in SPECIES}
-    stacked = np.stack([initial[by_name[s.name]] for s in model.species])
+    stacked = np.stack([initial[symbol] for symbol in model.species_symbols()])
 
     # Untreated systemic steady state for the antigen the lesions shed at baseline.
     shedding = float(np.sum(float(model_params["s_sh"]) * arrays["antigenicity"] * C, axis=(1, 2, 3))
