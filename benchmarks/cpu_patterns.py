@@ -94,6 +94,20 @@ def measure(shape: int, fields: int, steps: int, repeats: int) -> dict:
     return result
 
 
+def _time_forms(forms: dict, argument: jax.Array, repeats: int, figure: str) -> tuple[dict, dict]:
+    """Each form compiled for ``argument`` and timed (ms, best of ``repeats``, under ``figure``),
+    with its ratio to the first form (``ratio_to_<first>``); also each form's output."""
+    result, outputs = {}, {}
+    for name, form in forms.items():
+        compiled = jax.jit(form).lower(argument).compile()
+        outputs[name] = compiled(argument)
+        result[name] = {figure: best_time_s(lambda compiled=compiled: compiled(argument), repeats) * 1e3}
+    reference_name = next(iter(forms))
+    for figures in result.values():
+        figures[f"ratio_to_{reference_name}"] = ratio(figures[figure], result[reference_name][figure])
+    return result, outputs
+
+
 def measure_pools(shape: int, repeats: int, radius: int = POOL_RADIUS) -> dict:
     """ms per erosion of one N³ mask: a 3-D window against one 1-D window per axis."""
     mask = (jax.random.uniform(jax.random.key(1), (1, shape, shape, shape)) > 0.3).astype(jnp.float32)
@@ -102,14 +116,7 @@ def measure_pools(shape: int, repeats: int, radius: int = POOL_RADIUS) -> dict:
         "window_3d": lambda m: jax.lax.reduce_window(m, jnp.inf, jax.lax.min, window, (1, 1, 1, 1), "SAME"),
         "windows_per_axis": lambda m: _pool(m, radius, maximum=False),
     }
-    result, eroded = {}, {}
-    for name, form in forms.items():
-        compiled = jax.jit(form).lower(mask).compile()
-        eroded[name] = compiled(mask)
-        result[name] = {"ms_per_call": best_time_s(lambda compiled=compiled: compiled(mask), repeats) * 1e3}
-    reference = result["window_3d"]["ms_per_call"]
-    for figures in result.values():
-        figures["ratio_to_window_3d"] = ratio(figures["ms_per_call"], reference)
+    result, eroded = _time_forms(forms, mask, repeats, "ms_per_call")
     result["radius"] = radius
     result["identical"] = bool(jnp.array_equal(eroded["window_3d"], eroded["windows_per_axis"]))
     return result
@@ -119,14 +126,9 @@ def measure_transforms(shape: int, repeats: int, fields: int = TRANSFORMED_FIELD
     """ms per round trip (forward, then inverse) of a stack of N³ fields: at once and field by field."""
     basis = Eigenbasis(Grid((shape,) * 3, 20.0), FaceBoundary())
     stack = jax.random.uniform(jax.random.key(2), (fields, 1, shape, shape, shape), jnp.float32)
-    result, round_trips = {}, {}
-    for name, field_by_field in (("whole_stack", False), ("field_by_field", True)):
-        compiled = jax.jit(lambda u, f=field_by_field: basis.inverse(basis.forward(u, f), f)).lower(stack).compile()
-        round_trips[name] = compiled(stack)
-        result[name] = {"ms_per_round_trip": best_time_s(lambda compiled=compiled: compiled(stack), repeats) * 1e3}
-    reference = result["whole_stack"]["ms_per_round_trip"]
-    for figures in result.values():
-        figures["ratio_to_whole_stack"] = ratio(figures["ms_per_round_trip"], reference)
+    forms = {name: lambda u, f=field_by_field: basis.inverse(basis.forward(u, f), f)
+             for name, field_by_field in (("whole_stack", False), ("field_by_field", True))}
+    result, round_trips = _time_forms(forms, stack, repeats, "ms_per_round_trip")
     result["fields"] = fields
     result["identical"] = bool(jnp.array_equal(round_trips["whole_stack"], round_trips["field_by_field"]))
     result["max_difference_between_forms"] = float(jnp.max(jnp.abs(round_trips["whole_stack"]
