@@ -166,14 +166,21 @@ def _per_step_slope(integrator, setup, solver, steps: int, repeats: int) -> dict
             "steps_per_call": [short_steps, long_steps]}
 
 
-def _merged_against_plain(n: int, phenotypes, steps: int, repeats: int) -> dict:
-    """Strang with merged reaction halves (``solver.merge_reactions``) against plain Strang."""
+def case_setup(n: int, lesions: int):
+    """The TMESetup of a case: ``lesions`` lesions (phenotypes by PHENOTYPES_BY_COUNT) of N³
+    voxels at SPACING_UM, radius 0.3·N·SPACING_UM, under pembrolizumab."""
+    phenotypes = PHENOTYPES_BY_COUNT.get(lesions, ("inflamed",) * lesions)
     grid = Grid((n, n, n), SPACING_UM)
-    specs = [LesionSpec(phenotype, radius_um=0.3 * n * SPACING_UM) for phenotype in phenotypes]
+    return setup_tme(grid, [LesionSpec(phenotype, radius_um=0.3 * n * SPACING_UM) for phenotype in phenotypes],
+                     therapy="pembrolizumab", duration_h=SCHEDULE_DURATION_H)
+
+
+def _merged_against_plain(n: int, lesions: int, steps: int, repeats: int) -> dict:
+    """Strang with merged reaction halves (``solver.merge_reactions``) against plain Strang."""
     solver = make_solver_params(dt_max=DT_H)
     figures = {}
     for name, merge in (("plain", False), ("merged", True)):
-        setup = setup_tme(grid, specs, therapy="pembrolizumab", duration_h=SCHEDULE_DURATION_H)
+        setup = case_setup(n, lesions)
         figures[name] = _per_step_slope(Integrator(setup.model, 2, merge), setup, solver, steps, repeats)
     figures["ratio_plain_to_merged"] = ratio(figures["plain"]["time_per_step_s"],
                                              figures["merged"]["time_per_step_s"])
@@ -192,14 +199,8 @@ def measure_case(
     merged: bool = False,
 ) -> dict:
     """All figures of one (N, lesions) case."""
-    phenotypes = PHENOTYPES_BY_COUNT.get(lesions, ("inflamed",) * lesions)
-    grid = Grid((n, n, n), SPACING_UM)
-    setup = setup_tme(
-        grid,
-        [LesionSpec(phenotype, radius_um=0.3 * n * SPACING_UM) for phenotype in phenotypes],
-        therapy="pembrolizumab",
-        duration_h=SCHEDULE_DURATION_H,
-    )
+    setup = case_setup(n, lesions)
+    grid = setup.model.grid
     fields = len(setup.model.species)
     voxels = grid.num_voxels
     values = fields * lesions * voxels
@@ -221,7 +222,7 @@ def measure_case(
     result = {
         "N": n,
         "lesions": lesions,
-        "phenotypes": list(phenotypes),
+        "phenotypes": [lesion.phenotype for lesion in setup.lesions],
         "fields": fields,
         "voxels": voxels,
         "field_values": values,
@@ -298,7 +299,7 @@ def measure_case(
         }
     )
     if merged:
-        result["merged_reactions"] = _merged_against_plain(n, phenotypes, best_steps, max(2, repeats))
+        result["merged_reactions"] = _merged_against_plain(n, lesions, best_steps, max(2, repeats))
     if substeps:
         result["substeps"] = _substeps(setup, state, max(2, repeats))  # setup.state was donated
         chunk_bytes = result["substeps"]["per_step_sum"]["bytes_accessed"]

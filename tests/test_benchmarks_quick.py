@@ -204,3 +204,17 @@ def test_cpu_patterns_agree_with_their_twins(tmp_path):
         assert positive(transforms[name]["ms_per_round_trip"]) and positive(transforms[name]["ratio_to_whole_stack"])
     # Values in [0, 1): both forms and the round trip agree to float32 round-off.
     assert transforms["max_difference_between_forms"] < 1e-5 and transforms["max_round_trip_error"] < 1e-5
+
+
+def test_profile_step_attributes_kernels_to_every_sub_solver(tmp_path):
+    from benchmarks import profile_step
+
+    out = tmp_path / "profile.json"
+    profile_step.main(["--case", "8x1", "--steps", "2", "--top", "3", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["case"] == "8x1" and positive(result["wall_ms_per_step"])
+    # Every sub-solver the TME step runs has kernels found in its branch of the step's switch.
+    for name in ("reactions", "transport", "spectral"):
+        assert result["kernels_per_step"][name] > 0 and positive(result["kernel_ms_per_step"][name]), name
+    assert len(result["largest_kernels"]) == 3
+    assert {kernel["sub_solver"] for kernel in result["largest_kernels"]} <= set(profile_step.BRANCHES) | {"outside"}
