@@ -88,6 +88,36 @@ def face_average(field: jnp.ndarray, axis: int) -> jnp.ndarray:
     return 0.5 * (_slice(field, ax, 1, None) + _slice(field, ax, None, -1))
 
 
+def _walled_faces(interior: jnp.ndarray, axis: int, low: jnp.ndarray | None,
+                  high: jnp.ndarray | None) -> jnp.ndarray:
+    """G at all n+1 faces of ``axis``: the low wall, the n−1 interior faces, the high wall
+    (a wall given as None is 0: no flux)."""
+    ax = _spatial_axis(interior, axis)
+    edge_shape = list(interior.shape)
+    edge_shape[ax] = 1
+    zeros = jnp.zeros(edge_shape, interior.dtype)
+    low = zeros if low is None else jnp.broadcast_to(low, edge_shape).astype(interior.dtype)
+    high = zeros if high is None else jnp.broadcast_to(high, edge_shape).astype(interior.dtype)
+    return jnp.concatenate([low, interior, high], axis=ax)
+
+
+def _net_of_all_faces(all_faces: Sequence[jnp.ndarray | None], shape_like: jnp.ndarray | None) -> jnp.ndarray:
+    """Σ over axes of G_{i+½} − G_{i−½} per cell, from G at all n+1 faces of each axis
+    (None for an axis without faces)."""
+    total = None
+    for axis, faces in enumerate(all_faces):
+        if faces is None:
+            continue
+        ax = _spatial_axis(faces, axis)
+        difference = _slice(faces, ax, 1, None) - _slice(faces, ax, None, -1)
+        total = difference if total is None else total + difference
+    if total is None:
+        if shape_like is None:
+            raise ValueError("divergence needs shape_like when the grid has no faces")
+        return jnp.zeros_like(shape_like)
+    return total
+
+
 def _net_face_values(face_values: Sequence[jnp.ndarray | None],
                      wall_values: Sequence[tuple[jnp.ndarray | None, jnp.ndarray | None]] | None,
                      shape_like: jnp.ndarray | None) -> jnp.ndarray:
@@ -97,44 +127,27 @@ def _net_face_values(face_values: Sequence[jnp.ndarray | None],
     axis without faces); ``wall_values`` per axis (G at the low wall, G at the
     high wall), each of the shape of one slice, None meaning 0 (no flux).
     """
-    total = None
-    for axis, interior in enumerate(face_values):
-        if interior is None:
-            continue
-        ax = _spatial_axis(interior, axis)
-        low, high = (None, None) if wall_values is None else wall_values[axis]
-        edge_shape = list(interior.shape)
-        edge_shape[ax] = 1
-        zeros = jnp.zeros(edge_shape, interior.dtype)
-        low = zeros if low is None else low
-        high = zeros if high is None else high
-        all_faces = jnp.concatenate([low, interior, high], axis=ax)
-        difference = _slice(all_faces, ax, 1, None) - _slice(all_faces, ax, None, -1)
-        total = difference if total is None else total + difference
-    if total is None:
-        if shape_like is None:
-            raise ValueError("divergence needs shape_like when the grid has no faces")
-        return jnp.zeros_like(shape_like)
-    return total
+    all_faces = [None if interior is None
+                 else _walled_faces(interior, axis, *((None, None) if wall_values is None else wall_values[axis]))
+                 for axis, interior in enumerate(face_values)]
+    return _net_of_all_faces(all_faces, shape_like)
 
 
-def divergence(interior_fluxes: Sequence[jnp.ndarray | None], spacing: float,
-               boundary_fluxes: Sequence[tuple[jnp.ndarray | None, jnp.ndarray | None]] | None = None,
+def divergence(face_fluxes: Sequence[jnp.ndarray | None], spacing: float,
                shape_like: jnp.ndarray | None = None) -> jnp.ndarray:
-    """−∇·F from interior face fluxes per axis (None for an axis without faces).
+    """−∇·F from the fluxes at all faces of each axis (None for an axis without faces).
 
     Args:
-        interior_fluxes: per spatial axis, F at the n−1 interior faces, or None.
+        face_fluxes: per spatial axis, F at the n+1 faces (the low wall first, the
+            high wall last), as :func:`upwind_flux` returns them, or None.
         spacing: h (µm).
-        boundary_fluxes: per axis, (F at the low wall, F at the high wall), each
-            of the shape of one slice or None for no flux.
         shape_like: an array of the cell shape (needed when all fluxes are None).
 
     Returns:
         −Σ_axes (F_{i+½} − F_{i−½})/h, of the cell shape.
     """
     # One scale per cell after the sum over axes, not one division per axis.
-    return (-1.0 / spacing) * _net_face_values(interior_fluxes, boundary_fluxes, shape_like)
+    return (-1.0 / spacing) * _net_of_all_faces(face_fluxes, shape_like)
 
 
 def _active_axes(u: jnp.ndarray) -> list[int]:
@@ -218,13 +231,20 @@ def _limited_slope(u: jnp.ndarray, axis: int) -> jnp.ndarray:
     return jnp.concatenate([zeros, interior, zeros], axis=ax)
 
 
-def upwind_flux(u: jnp.ndarray, face_velocity: jnp.ndarray, axis: int, limited: bool = True) -> jnp.ndarray:
-    """Advective flux w·u at interior faces, upwinded, with a van Leer limiter.
+def upwind_flux(u: jnp.ndarray, face_velocity: jnp.ndarray, axis: int, limited: bool = True,
+                wall_fluxes: tuple[jnp.ndarray | None, jnp.ndarray | None] = (None, None)) -> jnp.ndarray:
+    """Advective flux w·u at every face of ``axis``: upwinded at the interior faces,
+    with a van Leer limiter, and the given fluxes at the two walls.
 
     Args:
         u: density (..., nx, ny, nz).
         face_velocity: w at the n−1 interior faces of ``axis`` (µm/h).
         limited: second-order MUSCL reconstruction (True) or first-order upwind.
+        wall_fluxes: F at the low and the high wall, each of the shape of one
+            slice of u across ``axis``; None is no flux.
+
+    Returns:
+        F at the n+1 faces of ``axis`` (the low wall first), for :func:`divergence`.
     """
     ax = _spatial_axis(u, axis)
     left, right = _slice(u, ax, None, -1), _slice(u, ax, 1, None)
@@ -239,7 +259,9 @@ def upwind_flux(u: jnp.ndarray, face_velocity: jnp.ndarray, axis: int, limited: 
     # TME transport sub-solver ran slower so: with this barrier and the transform's
     # (now in solve_poisson) it took 7.5 against 17.1 ms at 1 × 32³
     # (`python -m benchmarks --only tme`, `substeps`, d43ebec against d453466).
-    return jax.lax.optimization_barrier(flux)
+    # The walls join the faces before the barrier, in the same kernel: joined
+    # after it, the concatenation copied every materialised flux once more.
+    return jax.lax.optimization_barrier(_walled_faces(flux, axis, *wall_fluxes))
 
 
 def advection_rate(u: jnp.ndarray, face_velocities: Sequence[jnp.ndarray | None], spacing: float,

@@ -800,16 +800,15 @@ def _advect_open(u, interior, walls, h, inflow, enters_as_host):
     outflow carries the wall cell out; inflow brings ``inflow`` (fields, lesions, 1, 1, 1)
     where ``enters_as_host`` (fields, 1, 1, 1, 1) is set, else the wall cell's own
     value (zero gradient)."""
-    fluxes, wall_fluxes = [None, None, None], [(None, None)] * 3
+    fluxes = [None, None, None]
     for axis in range(3):
         if interior[axis] is None:
             continue
-        fluxes[axis] = upwind_flux(u, interior[axis], axis)
         ax = _spatial_axis(u, axis)
         low_v, high_v = walls[axis]
         low_cell, high_cell = _slice(u, ax, 0, 1), _slice(u, ax, -1, None)
         # Positive velocity points +axis: at the low wall that is inflow, at the high wall outflow.
         low_flux = jnp.where(low_v > 0, low_v * jnp.where(enters_as_host, inflow, low_cell), low_v * low_cell)
         high_flux = jnp.where(high_v > 0, high_v * high_cell, high_v * jnp.where(enters_as_host, inflow, high_cell))
-        wall_fluxes[axis] = (low_flux, high_flux)
-    return divergence(fluxes, h, wall_fluxes, shape_like=u)
+        fluxes[axis] = upwind_flux(u, interior[axis], axis, wall_fluxes=(low_flux, high_flux))
+    return divergence(fluxes, h, shape_like=u)
