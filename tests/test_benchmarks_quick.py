@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -218,3 +219,18 @@ def test_profile_step_attributes_kernels_to_every_sub_solver(tmp_path):
         assert result["kernels_per_step"][name] > 0 and positive(result["kernel_ms_per_step"][name]), name
     assert len(result["largest_kernels"]) == 3
     assert {kernel["sub_solver"] for kernel in result["largest_kernels"]} <= set(profile_step.BRANCHES) | {"outside"}
+
+
+def test_in_loop_time_of_a_sub_solver_copies_the_state_it_donates():
+    """The in-loop timing of a sub-solver (``substeps``) donates copies: the caller's state
+    stays readable and unchanged, and a time per sub-step comes back."""
+    import jax.numpy as jnp
+
+    from benchmarks.tme_step import DT_H, _in_loop_time_s, case_setup
+
+    setup = case_setup(8, 1)
+    before = np.asarray(setup.state.fields).copy()
+    seconds = _in_loop_time_s(setup.model.transport, setup.state, setup.params,
+                              jnp.asarray(0.5 * DT_H, jnp.float32), repeats=1)
+    assert math.isfinite(seconds)
+    np.testing.assert_array_equal(np.asarray(setup.state.fields), before)
