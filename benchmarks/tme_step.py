@@ -115,9 +115,10 @@ def _in_loop_time_s(solver, state, params, dt, repeats: int) -> float:
 
     A call of the sub-solver alone also allocates its output and temporaries, and
     this CPU backend returns large blocks to the system after each call: every
-    page is faulted in again on the next (a 128³ transport sub-step took 345 ms
-    per call and 198 ms in a loop). The integrator's loop allocates once per
-    output interval, so the loop figure is the one a step pays.
+    page is faulted in again on the next (a 128³ transport sub-step took 260 and
+    255 ms per call, 183 and 154 ms in a loop: ``benchmarks/results/tme-ab-e4d155f/``).
+    The integrator's loop allocates once per output interval, so the loop
+    figure is the one a step pays.
     """
     times = {}
     for count in (1, IN_LOOP_SUBSTEPS):
@@ -125,7 +126,8 @@ def _in_loop_time_s(solver, state, params, dt, repeats: int) -> float:
             return jax.lax.fori_loop(0, count, lambda _, value: solver(value, params, dt), state)
 
         compiled = jax.jit(loop, donate_argnums=0).lower(state, params, dt).compile()
-        carried = compiled(jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), state), params, dt)
+        carried = jax.block_until_ready(
+            compiled(jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), state), params, dt))
         best = float("inf")
         for _ in range(max(1, repeats)):
             start = time.perf_counter()

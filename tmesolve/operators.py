@@ -133,7 +133,7 @@ def _net_face_values(face_values: Sequence[jnp.ndarray | None],
     return _net_of_all_faces(all_faces, shape_like)
 
 
-def divergence(face_fluxes: Sequence[jnp.ndarray | None], spacing: float,
+def divergence(face_fluxes: Sequence[jnp.ndarray | None], spacing: float, *,
                shape_like: jnp.ndarray | None = None) -> jnp.ndarray:
     """−∇·F from the fluxes at all faces of each axis (None for an axis without faces).
 
@@ -146,6 +146,13 @@ def divergence(face_fluxes: Sequence[jnp.ndarray | None], spacing: float,
     Returns:
         −Σ_axes (F_{i+½} − F_{i−½})/h, of the cell shape.
     """
+    if shape_like is not None:
+        for axis, faces in enumerate(face_fluxes):
+            ax = _spatial_axis(shape_like, axis)
+            if faces is not None and faces.shape[_spatial_axis(faces, axis)] != shape_like.shape[ax] + 1:
+                raise ValueError(f"divergence: axis {axis} has {faces.shape[_spatial_axis(faces, axis)]} faces; "
+                                 f"expected all {shape_like.shape[ax] + 1} (the walls included) for "
+                                 f"{shape_like.shape[ax]} cells")
     # One scale per cell after the sum over axes, not one division per axis.
     return (-1.0 / spacing) * _net_of_all_faces(face_fluxes, shape_like)
 
@@ -259,8 +266,11 @@ def upwind_flux(u: jnp.ndarray, face_velocity: jnp.ndarray, axis: int, limited: 
     # TME transport sub-solver ran slower so: with this barrier and the transform's
     # (now in solve_poisson) it took 7.5 against 17.1 ms at 1 × 32³
     # (`python -m benchmarks --only tme`, `substeps`, d43ebec against d453466).
-    # The walls join the faces before the barrier, in the same kernel: joined
-    # after it, the concatenation copied every materialised flux once more.
+    # The walls join the faces before the barrier. Joined after it, in the
+    # divergence, XLA's CPU backend wrote the faces twice more per axis (each
+    # cell's low faces and its high faces, shifted by one, as two buffers); now
+    # it writes all faces once (one kernel with the fluxes along x and y, a
+    # copy along z, the last axis).
     return jax.lax.optimization_barrier(_walled_faces(flux, axis, *wall_fluxes))
 
 
