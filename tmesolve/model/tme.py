@@ -704,7 +704,12 @@ class TMEModel(Model):
         moving = fields[first:stop]
         symbols = self.species_symbols()[first:stop]
         chemotaxis = self._chemotactic_velocities(u, p)
-        non_advective = self._non_advective_rates(u, p, chemotaxis)
+        # The barrier materialises the motility and chemotaxis rates, one field each: they
+        # are read twice (their rows and the pressure's right-hand side), and XLA's CPU
+        # backend otherwise wrote their shifted face differences as separate buffers
+        # (`subtract_pad` kernels): 775 → 664 kernels and 183 → 160 kernel-ms per
+        # transport sub-step at 1 × 128³ in a profile (ad hoc, docs/performance.md).
+        non_advective = jax.lax.optimization_barrier(self._non_advective_rates(u, p, chemotaxis))
         speed = max_face_speed(chemotaxis).astype(fields.dtype)
         if self.tissue_velocity:
             production_net = self._net_phase_production(u, params, systemic, time)
