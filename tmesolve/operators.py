@@ -96,8 +96,8 @@ def _walled_faces(interior: jnp.ndarray, axis: int, low: jnp.ndarray | None,
     edge_shape = list(interior.shape)
     edge_shape[ax] = 1
     zeros = jnp.zeros(edge_shape, interior.dtype)
-    low = zeros if low is None else jnp.broadcast_to(low, edge_shape).astype(interior.dtype)
-    high = zeros if high is None else jnp.broadcast_to(high, edge_shape).astype(interior.dtype)
+    low = zeros if low is None else low
+    high = zeros if high is None else high
     return jnp.concatenate([low, interior, high], axis=ax)
 
 
