@@ -105,6 +105,11 @@ def _memory(compiled, values: int) -> dict | None:
     return memory
 
 
+def _copy(state):
+    """A copy of every array of a state, for a call that donates it."""
+    return jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), state)
+
+
 #: Sub-steps per call of the in-loop timing of a sub-solver (against one per call).
 IN_LOOP_SUBSTEPS = 4
 
@@ -126,14 +131,9 @@ def _in_loop_time_s(solver, state, params, dt, repeats: int) -> float:
             return jax.lax.fori_loop(0, count, lambda _, value: solver(value, params, dt), state)
 
         compiled = jax.jit(loop, donate_argnums=0).lower(state, params, dt).compile()
-        carried = jax.block_until_ready(
-            compiled(jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), state), params, dt))
-        best = float("inf")
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            carried = jax.block_until_ready(compiled(carried, params, dt))
-            best = min(best, time.perf_counter() - start)
-        times[count] = best
+        # Each call donates a fresh copy of the state, made outside the timing.
+        times[count] = best_time_s(lambda fresh, compiled=compiled: compiled(fresh, params, dt), repeats,
+                                   setup=lambda: (_copy(state),))
     return (times[IN_LOOP_SUBSTEPS] - times[1]) / (IN_LOOP_SUBSTEPS - 1)
 
 
@@ -187,7 +187,7 @@ def _per_step_slope(integrator, setup, solver, steps: int, repeats: int) -> dict
     merged reactions, the closing pass. The slope leaves those out and the
     intercept reports them.
     """
-    state = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), setup.state)
+    state = _copy(setup.state)
     solver_dt = float(solver.dt_max)
 
     def call(count: int) -> tuple[float, int]:
