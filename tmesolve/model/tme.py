@@ -707,8 +707,8 @@ class TMEModel(Model):
         # The barrier materialises the motility and chemotaxis rates, one field each: they
         # are read twice (their rows and the pressure's right-hand side), and XLA's CPU
         # backend otherwise wrote their shifted face differences as separate buffers
-        # (`subtract_pad` kernels): 775 → 664 kernels and 183 → 160 kernel-ms per
-        # transport sub-step at 1 × 128³ in a profile (ad hoc, docs/performance.md).
+        # (`subtract_pad` kernels): 410 → 360 transport kernels and 459 → 394 kernel-ms
+        # per step at 1 × 128³ (`python -m benchmarks.profile_step`, docs/performance.md).
         non_advective = jax.lax.optimization_barrier(self._non_advective_rates(u, p, chemotaxis))
         speed = max_face_speed(chemotaxis).astype(fields.dtype)
         if self.tissue_velocity:
