@@ -166,7 +166,9 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
     initial["H"] = np.maximum(K_max - C, 0.0)
     initial["O"] = np.full(shape, float(model_params["O_b"]))
     initial["P"] = np.broadcast_to(np.asarray(model_params["P_0"])[:, None, None, None], shape).copy()
-    stacked = np.stack([initial[symbol] for symbol in model.species_symbols()])
+    # Stacked straight into the state's dtype: the float64 stack of 16 fields (2 GiB
+    # at 256³) and its conversion cost seconds; each value rounds the same either way.
+    stacked = np.stack([initial[symbol] for symbol in model.species_symbols()], dtype=np.dtype(dtype))
 
     # Untreated systemic steady state for the antigen the lesions shed at baseline.
     shedding = float(np.sum(float(model_params["s_sh"]) * arrays["antigenicity"] * C, axis=(1, 2, 3))
