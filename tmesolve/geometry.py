@@ -55,6 +55,7 @@ __all__ = [
     "antigenicity_map",
     "build_lesion_maps",
     "core_and_margin",
+    "edge_distance_cap_um",
     "initial_tumour",
     "lesion_mask",
     "lesion_seeds",
@@ -463,24 +464,25 @@ def initial_tumour(
 def _squared_distance_um2(grid: Grid, targets: np.ndarray,
                           max_distance_um: float = math.inf) -> np.ndarray:
     """Exact squared Euclidean distance (µm²) from each voxel centre to the
-    nearest ``targets`` voxel centre, where that distance is at most
-    ``max_distance_um``; +inf where it is more, or where there is no target.
+    nearest ``targets`` voxel centre, where that distance is below
+    ``max_distance_um``; +inf where there is no target, and possibly where the
+    distance is at or above the cap.
 
     Separable: the squared distance is a sum over axes, so the 3-D transform
     is three 1-D min-plus transforms, g(i) = min_j f(j) + ((i − j)·h)², each
-    computed by sweeping shifts s = 1, 2, … over whole arrays. A sweep stops
-    once s²h² exceeds every finite value and no reachable voxel is still
-    +inf (tested every 4th shift), or at s·h > ``max_distance_um``. Cost
-    O(N·s) per axis for N voxels and s shifts: with no cap s is up to the
-    cells along the axis, O(n⁴) for an n³ box (1.2 s at 128³ and 31 s at 256³
-    for a lesion's two transforms on one CPU core); with a cap of a few
-    voxels, O(n³).
+    computed by sweeping shifts s = 1, 2, … over whole arrays. Without a cap a
+    sweep stops once s²h² exceeds every finite value and no reachable voxel is
+    still +inf (tested every 4th shift): up to as many shifts as there are
+    cells along the axis, O(n⁴) for an n³ box. With a cap it stops at
+    s·h > ``max_distance_um``, O(n³) for a cap of a few voxels (the set-up
+    times: docs/performance.md).
 
-    The cap keeps the distances at or below it exact: the nearest target of
-    such a voxel is within the cap along every axis, and every partial sum of
-    its squared distance is at most the cap's square, so dropping the larger
+    The cap keeps the distances below it exact: the nearest target of such a
+    voxel is within the cap along every axis, and every partial sum of its
+    squared distance is below the cap's square, so dropping the larger
     partial sums after each axis (they could only give a distance above the
-    cap) loses nothing below it.
+    cap) loses nothing below it. (At the cap itself, rounding in s·h or in the
+    square may drop a voxel: callers leave a voxel or more of slack.)
     """
     distance = np.where(targets, 0.0, np.inf)
     h = grid.spacing_um
@@ -502,8 +504,10 @@ def _squared_distance_um2(grid: Grid, targets: np.ndarray,
             lead_t, lag_t = tuple(lead), tuple(lag)
             np.minimum(result[lead_t], source[lag_t] + cost, out=result[lead_t])
             np.minimum(result[lag_t], source[lead_t] + cost, out=result[lag_t])
-            if shift % 4:
-                continue  # the stopping test costs as much as a shift; test every 4th
+            if capped or shift % 4:
+                # The stopping test costs as much as a shift: every 4th, and never
+                # under a cap, where voxels beyond it stay +inf and it would not pass.
+                continue
             finite = np.isfinite(result)
             if not np.any(reachable & ~finite) and (
                 not np.any(finite) or cost > result[finite].max()
@@ -528,11 +532,13 @@ def signed_distance_to_edge(grid: Grid, inside: np.ndarray,
 
     Args:
         inside: boolean array of ``grid.shape``.
-        max_distance_um: if given (> 0), the voxel-centre distances d above it
-            are not computed: sd is +inf there inside and −inf outside, and
-            exact elsewhere. A caller that only compares sd with thresholds
-            below max_distance_um − h/2 gets the same answer, in O(n³) time
-            instead of O(n⁴) for an n³ box.
+        max_distance_um: if given (> 0), the voxel-centre distances d at or
+            above it are not computed exactly: sd is +inf there inside and −inf
+            outside, and exact where d is below it. A caller whose answer
+            only depends on whether |sd| is below some threshold T, or on sd
+            where |sd| < T, gets the same answer with a cap of T + h/2 plus
+            some slack (``edge_distance_cap_um``), in O(n³) time instead of
+            O(n⁴) for an n³ box.
     """
     inside = _check_shape("inside", inside, grid).astype(bool)
     cap = math.inf if max_distance_um is None else check_positive("max_distance_um", max_distance_um)
@@ -542,15 +548,29 @@ def signed_distance_to_edge(grid: Grid, inside: np.ndarray,
     return np.where(inside, to_outside - half, -(to_inside - half))
 
 
+def edge_distance_cap_um(grid: Grid, threshold_um: float) -> float:
+    """The ``max_distance_um`` (µm) for a caller of ``signed_distance_to_edge``
+    that compares |sd| with a threshold T = ``threshold_um``, or has a ramp one
+    voxel wide centred on T: T + 2h.
+
+    sd = ±(d − h/2) with d the distance between voxel centres, so a comparison
+    with T needs d exact below T + h/2 and a ramp clip(½ + (T − |sd|)/h, 0, 1)
+    (the stromal ring's outer edge) below T + h; the second voxel is slack for
+    rounding at the cap.
+    """
+    return threshold_um + 2.0 * grid.spacing_um
+
+
 def _edge_distance(grid: Grid, inside: np.ndarray, given: np.ndarray | None,
                    threshold_um: float) -> np.ndarray:
     """``signed_distance_to_edge(grid, inside)``, or a precomputed one (checked).
 
-    The caller compares |sd| with thresholds up to ``threshold_um`` only, so the
-    transform stops two voxels beyond it (``max_distance_um``): the same answer.
+    The caller's answer depends on |sd| only below ``threshold_um``, so the
+    transform stops at ``edge_distance_cap_um``: the same answer. A given map
+    may be capped the same way, or not at all.
     """
     if given is None:
-        return signed_distance_to_edge(grid, inside, max_distance_um=threshold_um + 2.0 * grid.spacing_um)
+        return signed_distance_to_edge(grid, inside, max_distance_um=edge_distance_cap_um(grid, threshold_um))
     given = _check_shape("edge_distance_um", given, grid)
     if np.any((given > 0) != inside):
         raise ConfigError(
@@ -595,12 +615,11 @@ def core_and_margin(
     margin_width_um = check_non_negative("margin_width_um", margin_width_um)
     inside = density > threshold
     half_width = 0.5 * margin_width_um
-    # Only |sd| up to the band's half width matters: stop the transform two voxels beyond it.
-    distance = signed_distance_to_edge(
-        grid, inside, max_distance_um=max(half_width, 0.5 * grid.spacing_um) + 2.0 * grid.spacing_um
-    )
+    # Only |sd| up to the band's half width matters (edge_distance_cap_um).
+    band_um = max(half_width, 0.5 * grid.spacing_um)
+    distance = signed_distance_to_edge(grid, inside, max_distance_um=edge_distance_cap_um(grid, band_um))
     core = distance > half_width
-    margin = np.abs(distance) <= max(half_width, 0.5 * grid.spacing_um)
+    margin = np.abs(distance) <= band_um
     return core, margin & ~core
 
 
@@ -649,7 +668,9 @@ def vessel_map(
         rim_width_um: width of the rim band inside the edge (µm), >= 0.
         correlation_um: ℓ (µm) of the vessel patches, >= 0.
         seed: non-negative integer or ``np.random.SeedSequence``.
-        edge_distance_um: sd if already computed (saves the distance transform).
+        edge_distance_um: sd if already computed (saves the distance transform);
+            exact, or capped no lower than ``edge_distance_cap_um`` of the
+            largest distance compared here.
     """
     mask = _check_shape("lesion_mask", lesion_mask, grid)
     densities = {
@@ -702,7 +723,9 @@ def stromal_ring(
         width_um: W (µm), >= 0; 0 gives no stroma.
         density: ρ, in [0, 1].
         offset_um: δ, gap between the edge and the ring (µm), >= 0.
-        edge_distance_um: sd if already computed (saves the distance transform).
+        edge_distance_um: sd if already computed (saves the distance transform);
+            exact, or capped no lower than ``edge_distance_cap_um`` of the
+            largest distance compared here.
     """
     mask = _check_shape("lesion_mask", lesion_mask, grid)
     width_um = check_non_negative("width_um", width_um)
@@ -851,12 +874,13 @@ def build_lesion_maps(
         grid, radius_um, centre, roughness, shape_correlation_um, seed=shape_stream
     )
     tumour_cells = packing * K_max * mask
-    # One distance transform serves the vessel regions and the stromal ring.
-    # They compare sd with the rim width and the ring's outer edge only, so the
-    # transform may stop two voxels beyond both (signed_distance_to_edge): the
-    # same maps, in O(n³) time.
-    needed_um = max(rim_width_um, stroma_offset_um + stroma_width_um) + 2.0 * grid.spacing_um
-    edge_distance = signed_distance_to_edge(grid, mask >= 0.5, max_distance_um=needed_um)
+    # One distance transform serves the vessel regions and the stromal ring. They
+    # depend on sd only below the rim width and the ring's outer edge, so the
+    # transform stops beyond both (edge_distance_cap_um): the same maps, in O(n³).
+    ring_um = stroma_offset_um + stroma_width_um if stroma_width_um > 0 and stroma_density > 0 else 0.0
+    edge_distance = signed_distance_to_edge(
+        grid, mask >= 0.5, max_distance_um=edge_distance_cap_um(grid, max(rim_width_um, ring_um))
+    )
     vessels = vessel_map(
         grid,
         mask,

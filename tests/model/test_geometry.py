@@ -182,51 +182,69 @@ def test_signed_distance_matches_scipy(grid):
     np.testing.assert_allclose(distance, expected, atol=1e-9)
 
 
-def test_capped_signed_distance_is_exact_up_to_the_cap(grid):
+@pytest.mark.parametrize("cap", [70.0, 60.0])  # 3.5 voxels, and a whole number of voxels
+@pytest.mark.parametrize("grid_name", ["grid", "grid_2d"])
+def test_capped_signed_distance_is_exact_below_the_cap(request, grid_name, cap):
+    grid = request.getfixturevalue(grid_name)
     inside = geometry.lesion_mask(grid, RADIUS, seed=6) >= 0.5
     exact = geometry.signed_distance_to_edge(grid, inside)
-    cap = 70.0  # 3.5 voxels; squared voxel-centre distances are multiples of 400 µm², none at 4,900
     capped = geometry.signed_distance_to_edge(grid, inside, max_distance_um=cap)
-    centre_distance = np.abs(exact) + SPACING / 2  # d, from the voxel centre to the nearest other-side centre
-    near = centre_distance <= cap
-    assert near.any() and (inside & ~near).any() and (~inside & ~near).any()
+    # d, between voxel centres; d² is a whole multiple of 400 µm², so the comparisons
+    # with the cap are exact here. Exact below the cap, ±inf above it; at it, either.
+    centre_distance = np.abs(exact) + SPACING / 2
+    near, far = centre_distance < cap, centre_distance > cap
+    assert near.any() and (inside & far).any() and (~inside & far).any()
     np.testing.assert_array_equal(capped[near], exact[near])
-    assert np.all(capped[inside & ~near] == np.inf)
-    assert np.all(capped[~inside & ~near] == -np.inf)
+    assert np.all(capped[inside & far] == np.inf)
+    assert np.all(capped[~inside & far] == -np.inf)
+    at_cap = ~near & ~far
+    assert np.all((capped[at_cap] == exact[at_cap]) | np.isinf(capped[at_cap]))
     with pytest.raises(ConfigError, match="max_distance_um"):
         geometry.signed_distance_to_edge(grid, inside, max_distance_um=0.0)
+
+
+def _map_builders(grid):
+    """Every builder that takes a signed edge distance, on ``grid``: lesion maps of
+    each phenotype (and a ringed one with an offset and no rim), a vessel map, a
+    stromal ring, and host cores and margins."""
+    cases = [(phenotype, {}) for phenotype in geometry.PHENOTYPES]
+    cases.append(("inflamed", {"stroma_width_um": 60.0, "stroma_offset_um": 30.0, "rim_width_um": 0.0}))
+    tumour = geometry.lesion_mask(grid, RADIUS, seed=2) * 3.4e5
+    mask = tumour / 3.4e5
+    arrays = {}
+    for index, (phenotype, settings) in enumerate(cases):
+        maps = geometry.build_lesion_maps(grid, phenotype, geometry.DEFAULT_TMB[phenotype], RADIUS,
+                                          seed=5, **settings)
+        arrays.update({f"lesion {index} {name}": values for name, values in maps.items()})
+    arrays["vessel map"] = geometry.vessel_map(grid, mask, 0.2, 1.0, 0.6, rim_width_um=40.0, seed=1)
+    arrays["stromal ring"] = geometry.stromal_ring(grid, mask, width_um=80.0, offset_um=10.0)
+    for width in (0.0, 100.0):
+        core, margin = geometry.core_and_margin(grid, tumour, 1e5, width)
+        arrays[f"core {width}"], arrays[f"margin {width}"] = core, margin
+    return arrays
 
 
 def test_maps_and_regions_do_not_change_with_the_capped_distance(grid, monkeypatch):
     """The builders stop the distance transform beyond the distances they compare with;
     with the whole transform they give the same arrays."""
-    cases = [(phenotype, {}) for phenotype in geometry.PHENOTYPES]
-    cases.append(("inflamed", {"stroma_width_um": 60.0, "stroma_offset_um": 30.0, "rim_width_um": 0.0}))
-    tumour = geometry.lesion_mask(grid, RADIUS, seed=2) * 3.4e5
-
-    def build():
-        maps = [geometry.build_lesion_maps(grid, phenotype, geometry.DEFAULT_TMB[phenotype], RADIUS,
-                                           seed=5, **settings) for phenotype, settings in cases]
-        mask = tumour / 3.4e5
-        single = [geometry.vessel_map(grid, mask, 0.2, 1.0, 0.6, rim_width_um=40.0, seed=1),
-                  geometry.stromal_ring(grid, mask, width_um=80.0, offset_um=10.0)]
-        regions = [geometry.core_and_margin(grid, tumour, 1e5, width) for width in (0.0, 100.0)]
-        return maps, single, regions
-
-    capped = build()
     whole_transform = geometry.signed_distance_to_edge
+    caps = []
+
+    def recording(grid, inside, max_distance_um=None):
+        caps.append(max_distance_um)
+        return whole_transform(grid, inside, max_distance_um)
+
+    monkeypatch.setattr(geometry, "signed_distance_to_edge", recording)
+    capped = _map_builders(grid)
+    # Every call capped the transform, and the caps cut off part of this box.
+    assert caps and all(cap is not None and cap < 200.0 for cap in caps)
     monkeypatch.setattr(geometry, "signed_distance_to_edge",
                         lambda grid, inside, max_distance_um=None: whole_transform(grid, inside))
-    exact = build()
-    for capped_maps, exact_maps in zip(capped[0], exact[0], strict=True):
-        for name in geometry.MAP_NAMES:
-            np.testing.assert_array_equal(capped_maps[name], exact_maps[name], err_msg=name)
-    for capped_array, exact_array in zip(capped[1], exact[1], strict=True):
-        np.testing.assert_array_equal(capped_array, exact_array)
-    for capped_pair, exact_pair in zip(capped[2], exact[2], strict=True):
-        np.testing.assert_array_equal(capped_pair[0], exact_pair[0])
-        np.testing.assert_array_equal(capped_pair[1], exact_pair[1])
-    assert any(pair[1].any() for pair in capped[2])
+    exact = _map_builders(grid)
+    assert capped.keys() == exact.keys()
+    for name, values in capped.items():
+        np.testing.assert_array_equal(values, exact[name], err_msg=name)
+    assert capped["margin 100.0"].any() and capped["stromal ring"].any()
 
 
 def test_core_and_margin_regions(grid):

@@ -160,12 +160,13 @@ def setup_tme(grid: Grid, lesions: Sequence[LesionSpec], *, therapy: str | Seque
 
     model = TMEModel(grid, lesions=len(lesions), margin_width_um=margin_width_um, tissue_velocity=tissue_velocity)
     shape = (len(lesions), *grid.shape)
-    initial = {s.symbol: np.zeros(shape) for s in SPECIES}
+    # Uniform fields are broadcast views: the stack below writes every value once.
+    initial = {s.symbol: np.broadcast_to(0.0, shape) for s in SPECIES}
     initial["C"] = C
     initial["V"], initial["S"], initial["a"] = arrays["vessels"], arrays["stroma"], arrays["antigenicity"]
     initial["H"] = np.maximum(K_max - C, 0.0)
-    initial["O"] = np.full(shape, float(model_params["O_b"]))
-    initial["P"] = np.broadcast_to(np.asarray(model_params["P_0"])[:, None, None, None], shape).copy()
+    initial["O"] = np.broadcast_to(float(model_params["O_b"]), shape)
+    initial["P"] = np.broadcast_to(np.asarray(model_params["P_0"])[:, None, None, None], shape)
     # Stacked straight into the state's dtype: the float64 stack of 16 fields (2 GiB
     # at 256³) and its conversion cost seconds; each value rounds the same either way.
     stacked = np.stack([initial[symbol] for symbol in model.species_symbols()], dtype=np.dtype(dtype))
