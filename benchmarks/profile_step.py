@@ -15,7 +15,11 @@ instruction of the compiled program (the runtime's own work per call) are
 summed apart as ``unattributed``.
 
 Reports per sub-solver the kernel time (ms per step) and the kernels per
-step, and the largest kernels. The cores run kernels side by side, so the sums
+step, the same split by the model's named scopes (``jax.named_scope``: the
+reaction step's local terms, predictor, corrector and oxygen solve; the cell
+transport's chemotaxis, motility, pressure and advection; the spectral
+step's sources and propagation; "-" for kernels outside any scope), and the
+largest kernels. The cores run kernels side by side, so the sums
 can exceed the wall time, which is reported beside them. One call is one
 sample: a profile says where the time goes, ``python -m benchmarks`` how much
 there is. With the machine; JSON with ``--out``.
@@ -72,6 +76,27 @@ def _computations(hlo: str) -> tuple[dict[str, str], dict[str, str], dict[str, s
     return owner, parent, branch
 
 
+#: Segments of an HLO op_name that JAX writes itself (loops, branches, jitted helpers,
+#: einsum specs), not a named scope of the model.
+_NOT_SCOPES = re.compile(r"^(while|body|cond|eval_jaxpr|branch_\d+_fun|checkpoint|remat|jit\(.*\)|.*->.*)$")
+
+
+def _scopes(hlo: str) -> dict[str, str]:
+    """From HLO text: the named scopes ("local_terms", "pressure/...") of each instruction
+    with an op_name, outermost first, joined by "/"; "-" where there is none."""
+    scopes = {}
+    for line in hlo.splitlines():
+        instruction = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        if not (instruction and op_name):
+            continue
+        # A fused instruction may carry several names joined by ";": the last is a full path.
+        path = op_name.group(1).split(";")[-1].split("/")[:-1]
+        named = [segment for segment in path if not _NOT_SCOPES.match(segment)]
+        scopes[instruction.group(1)] = "/".join(named) or "-"
+    return scopes
+
+
 def _sub_solver(computation: str, parent: dict[str, str], branch: dict[str, str]) -> str:
     while computation is not None:
         if computation in branch:
@@ -98,11 +123,14 @@ def profile(n: int, lesions: int, steps: int, top: int) -> dict:
         if not traces:
             raise RuntimeError(f"jax.profiler.trace wrote no Perfetto trace under {folder}")
         events = json.load(gzip.open(traces[-1]))["traceEvents"]
-    owner, parent, branch = _computations(compiled.as_text())
+    hlo = compiled.as_text()
+    owner, parent, branch = _computations(hlo)
+    scopes = _scopes(hlo)
     if not branch:
         raise RuntimeError("no switch of four branches in the compiled step: is this the TME model's loop?")
     milliseconds, counts = collections.Counter(), collections.Counter()
     by_kernel, unattributed = collections.Counter(), 0.0
+    scope_ms, scope_counts = collections.Counter(), collections.Counter()
     for event in events:
         if event.get("ph") != "X" or _NOT_KERNELS.search(event["name"]):
             continue
@@ -114,6 +142,9 @@ def profile(n: int, lesions: int, steps: int, top: int) -> dict:
         milliseconds[solver_name] += event.get("dur", 0) / 1e3
         counts[solver_name] += 1
         by_kernel[(solver_name, re.sub(r"\.\d+$", "", event["name"]))] += event.get("dur", 0) / 1e3
+        part = (solver_name, scopes.get(event["name"], "-"))
+        scope_ms[part] += event.get("dur", 0) / 1e3
+        scope_counts[part] += 1
     return {
         "case": f"{n}x{lesions}",
         "steps": steps,
@@ -121,6 +152,9 @@ def profile(n: int, lesions: int, steps: int, top: int) -> dict:
         "kernel_ms_per_step": {name: milliseconds[name] / steps for name in BRANCHES + ("outside",)},
         "kernels_per_step": {name: counts[name] / steps for name in BRANCHES + ("outside",)},
         "unattributed_ms_per_step": unattributed / steps,
+        "by_scope": [{"sub_solver": solver_name, "scope": scope, "ms_per_step": ms / steps,
+                      "kernels_per_step": scope_counts[(solver_name, scope)] / steps}
+                     for (solver_name, scope), ms in sorted(scope_ms.items(), key=lambda item: -item[1])],
         "largest_kernels": [{"sub_solver": solver_name, "kernel": kernel, "ms_per_step": ms / steps}
                             for (solver_name, kernel), ms in by_kernel.most_common(top)],
     }
@@ -144,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in BRANCHES + ("outside",):
         print(f"  {name:10s} {result['kernel_ms_per_step'][name]:9.2f} kernel ms/step "
               f"{result['kernels_per_step'][name]:8.0f} kernels/step")
+        for part in result["by_scope"]:
+            if part["sub_solver"] == name:
+                print(f"      {part['ms_per_step']:9.2f} ms/step {part['kernels_per_step']:6.0f} kernels  "
+                      f"{part['scope']}")
     for kernel in result["largest_kernels"]:
         print(f"    {kernel['ms_per_step']:8.2f} ms/step  {kernel['sub_solver']:10s} {kernel['kernel']}")
     result = {"machine": machine_info(), **rounded(result)}

@@ -219,6 +219,29 @@ def test_profile_step_attributes_kernels_to_every_sub_solver(tmp_path):
         assert result["kernels_per_step"][name] > 0 and positive(result["kernel_ms_per_step"][name]), name
     assert len(result["largest_kernels"]) == 3
     assert {kernel["sub_solver"] for kernel in result["largest_kernels"]} <= set(profile_step.BRANCHES) | {"outside"}
+    # The named scopes split each sub-solver's kernels: every scope the model names
+    # has kernels, and the parts add up to the sub-solver's counts.
+    scopes = {(part["sub_solver"], part["scope"]) for part in result["by_scope"]}
+    expected = {("reactions", name) for name in ("local_terms", "predictor", "corrector", "oxygen_solve")}
+    expected |= {("transport", name) for name in ("chemotaxis", "motility", "pressure", "advection")}
+    expected |= {("spectral", name) for name in ("sources", "propagate")}
+    assert expected <= scopes, expected - scopes
+    for name in profile_step.BRANCHES + ("outside",):
+        parts = [part for part in result["by_scope"] if part["sub_solver"] == name]
+        assert sum(part["kernels_per_step"] for part in parts) == pytest.approx(result["kernels_per_step"][name])
+
+
+def test_scopes_are_read_from_op_names():
+    from benchmarks.profile_step import _scopes
+
+    hlo = "\n".join([
+        '  %fusion.1 = f32[8] fusion(%p), kind=kLoop, calls=%f, metadata={op_name="jit(_advance_impl)/while/body/'
+        'cond/branch_0_fun/while/body/eval_jaxpr/local_terms/jit(_where)/div"}',
+        '  %dot.2 = f32[8] dot(%a, %b), metadata={op_name="reshape;jit(f)/while/body/pressure/ij,bjk->bik/dot_general"}',
+        '  %copy.3 = f32[8] copy(%a)',
+        '  ROOT %add.4 = f32[8] add(%a, %b), metadata={op_name="jit(f)/while/body/add"}',
+    ])
+    assert _scopes(hlo) == {"fusion.1": "local_terms", "dot.2": "pressure", "add.4": "-"}
 
 
 def test_in_loop_time_of_a_sub_solver_copies_the_state_it_donates():

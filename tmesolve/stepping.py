@@ -197,18 +197,21 @@ class SplitStepper:
         if not self.plain_indices:
             return state
         diffusivity, decay = model.linear_coefficients(params)
-        source, fixed_value = model.linear_sources(state, params), model.linear_fixed_values(params)
+        # The named scopes label the kernels for `python -m benchmarks.profile_step`.
+        with jax.named_scope("sources"):
+            source, fixed_value = model.linear_sources(state, params), model.linear_fixed_values(params)
         # A model without sources (None) propagates every species source-free.
         free, constant, varying = self.source_groups if source is not None else (self.plain_indices, (), ())
         fields = state.fields
 
         def advance(indices, with_source, source_at_end=None):
             kept = _take(fields, indices)
-            propagated = propagate(
-                self.basis, kept, _take(diffusivity, indices), _take(decay, indices), dt,
-                source=_take(source, indices) if with_source else None,
-                fixed_value=None if fixed_value is None else _take(fixed_value, indices),
-                source_at_end=source_at_end)
+            with jax.named_scope("propagate"):
+                propagated = propagate(
+                    self.basis, kept, _take(diffusivity, indices), _take(decay, indices), dt,
+                    source=_take(source, indices) if with_source else None,
+                    fixed_value=None if fixed_value is None else _take(fixed_value, indices),
+                    source_at_end=source_at_end)
             # A zero step is the identity exactly (a transform round trip is not): idle
             # passes that run every sub-solver (batches, unrolled models) run L with dt = 0.
             return jnp.where(dt > 0, propagated, kept)
@@ -221,7 +224,8 @@ class SplitStepper:
 
             def source_at_end(predicted):
                 moved = replace(state, fields=_put(before, varying, predicted), time=state.time + dt)
-                return _take(model.linear_sources(moved, params), varying)
+                with jax.named_scope("sources"):
+                    return _take(model.linear_sources(moved, params), varying)
 
             fields = _put(fields, varying, advance(varying, True, source_at_end))
         return replace(state, fields=fields)

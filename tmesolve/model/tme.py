@@ -543,6 +543,7 @@ class TMEModel(Model):
         tolerance = SOLVE_TOLERANCE[jnp.dtype(state.fields.dtype)]
         enough = stage_residual_enough(oxygen0, dt, tolerance)
 
+        @jax.named_scope("predictor")
         def predictor(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production, loss, inputs, oxygen_rate0, local0, derivative0 = stage_terms
             # Oxygen has no local terms here (_reacting_terms), so it stays at Oⁿ, and
@@ -559,6 +560,7 @@ class TMEModel(Model):
                 oxygen_shift=1.0 + gamma_dt * jnp.maximum(-derivative0, 0.0), oxygen_time_term=time_term,
                 oxygen_right_hand_side=oxygen_rate0 + time_term)
 
+        @jax.named_scope("corrector")
         def corrector(stage_terms, carry: _ReactionCarry) -> _ReactionCarry:
             production1, loss1, inputs1, oxygen_rate1, _, _ = stage_terms
             fields = dict(fields0)
@@ -579,16 +581,20 @@ class TMEModel(Model):
 
         def stage(index, carry: _ReactionCarry) -> _ReactionCarry:
             stage_time = state.time + index.astype(dt.dtype) * dt
-            terms = self._reacting_terms(carry.fields, params, carry.systemic, stage_time)
+            # The named scopes label the kernels for `python -m benchmarks.profile_step`.
+            with jax.named_scope("local_terms"):
+                terms = self._reacting_terms(carry.fields, params, carry.systemic, stage_time)
+                terms = terms + self._oxygen_rate(carry.fields, params)
             first = index == 0
-            carry = jax.lax.cond(first, predictor, corrector, terms + self._oxygen_rate(carry.fields, params), carry)
+            carry = jax.lax.cond(first, predictor, corrector, terms, carry)
             # k₂ ≈ −k₁ both where oxygen is slow (k₂ ≈ F − 2k₁) and where it is stiff
             # (k₂ → −Ȯ): a start that saves about one iteration in two. (Starting k₁
             # from the last step's k₁, carried in the state, saved under one in ten.)
             guess = jnp.where(first, 0.0, -carry.oxygen_step1)
-            oxygen_step, _ = solve_screened_poisson(self.oxygen_basis, carry.oxygen_shift, diffusion_coefficient,
-                                                    carry.oxygen_right_hand_side, tolerance, enough=enough,
-                                                    guess=guess)
+            with jax.named_scope("oxygen_solve"):
+                oxygen_step, _ = solve_screened_poisson(self.oxygen_basis, carry.oxygen_shift, diffusion_coefficient,
+                                                        carry.oxygen_right_hand_side, tolerance, enough=enough,
+                                                        guess=guess)
             oxygen_step1 = jnp.where(first, oxygen_step, carry.oxygen_step1)
             increment = jnp.where(first, oxygen_step, 1.5 * oxygen_step1 + 0.5 * oxygen_step)
             oxygen = jnp.where(dt > 0, jnp.maximum(oxygen0 + dt * increment, 0.0), oxygen0)
@@ -703,17 +709,21 @@ class TMEModel(Model):
         first, stop = self.moving_block
         moving = fields[first:stop]
         symbols = self.species_symbols()[first:stop]
-        chemotaxis = self._chemotactic_velocities(u, p)
+        # The named scopes label the kernels for `python -m benchmarks.profile_step`.
+        with jax.named_scope("chemotaxis"):
+            chemotaxis = self._chemotactic_velocities(u, p)
         # The barrier materialises the motility and chemotaxis rates, one field each: they
         # are read twice (their rows and the pressure's right-hand side), and XLA's CPU
         # backend otherwise wrote their shifted face differences as separate buffers
         # (`subtract_pad` kernels): 410 → 360 transport kernels and 459 → 394 kernel-ms
         # per step at 1 × 128³ (`python -m benchmarks.profile_step`, docs/performance.md).
-        non_advective = jax.lax.optimization_barrier(self._non_advective_rates(u, p, chemotaxis))
+        with jax.named_scope("motility"):
+            non_advective = jax.lax.optimization_barrier(self._non_advective_rates(u, p, chemotaxis))
         speed = max_face_speed(chemotaxis).astype(fields.dtype)
         if self.tissue_velocity:
-            production_net = self._net_phase_production(u, params, systemic, time)
-            interior, walls = self._pressure_velocities(u, params, non_advective, production_net)
+            with jax.named_scope("pressure"):
+                production_net = self._net_phase_production(u, params, systemic, time)
+                interior, walls = self._pressure_velocities(u, params, non_advective, production_net)
             wall_speed = jnp.max(jnp.stack([jnp.max(jnp.abs(w)) for pair in walls for w in pair if w is not None]
                                            + [jnp.zeros((), fields.dtype)]))
             speed = speed + max_face_speed(interior).astype(fields.dtype) + wall_speed
@@ -723,7 +733,8 @@ class TMEModel(Model):
             inflow = jnp.stack([jnp.broadcast_to(jnp.asarray(host_inflow.get(symbol, 0.0), fields.dtype),
                                                  (self.lesions, 1, 1, 1)) for symbol in symbols])
             enters_as_host = np.array([symbol in host_inflow for symbol in symbols])[:, None, None, None, None]
-            advective = _advect_open(moving, interior, walls, h, inflow, enters_as_host)
+            with jax.named_scope("advection"):
+                advective = _advect_open(moving, interior, walls, h, inflow, enters_as_host)
         else:
             advective = jnp.zeros_like(moving)
         rows = [advective[row] + non_advective[symbol] if symbol in non_advective else advective[row]
