@@ -76,9 +76,11 @@ def _computations(hlo: str) -> tuple[dict[str, str], dict[str, str], dict[str, s
     return owner, parent, branch
 
 
-#: Segments of an HLO op_name that JAX writes itself (loops, branches, jitted helpers,
-#: einsum specs), not a named scope of the model.
-_NOT_SCOPES = re.compile(r"^(while|body|cond|eval_jaxpr|branch_\d+_fun|checkpoint|remat|jit\(.*\)|.*->.*)$")
+#: Segments of an HLO op_name that JAX writes itself (loops, branches, inlined calls:
+#: eval_jaxpr in JAX 0.12, closed_call in 0.10; jitted helpers, einsum specs), not a
+#: named scope of the model.
+_NOT_SCOPES = re.compile(r"^(while|body|cond|eval_jaxpr|closed_call|core_call|custom_[jv]vp_call|pjit"
+                         r"|branch_\d+_fun|checkpoint|remat|jit\(.*\)|.*->.*)$")
 
 
 def _scopes(hlo: str) -> dict[str, str]:
