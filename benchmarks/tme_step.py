@@ -52,7 +52,7 @@ import numpy as np
 
 from benchmarks import best_time_s, plain_stencil_pass_s, ratio
 from tmesolve.grid import Grid
-from tmesolve.integrate import Integrator, make_solver_params
+from tmesolve.integrate import Integrator, fresh_copy, make_solver_params
 from tmesolve.model.tme_setup import LesionSpec, setup_tme
 from tmesolve.stepping import SplitStepper
 
@@ -105,11 +105,6 @@ def _memory(compiled, values: int) -> dict | None:
     return memory
 
 
-def _copy(state):
-    """A copy of every array of a state, for a call that donates it."""
-    return jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), state)
-
-
 #: Sub-steps per call of the in-loop timing of a sub-solver (against one per call).
 IN_LOOP_SUBSTEPS = 4
 
@@ -133,7 +128,7 @@ def _in_loop_time_s(solver, state, params, dt, repeats: int) -> float:
         compiled = jax.jit(loop, donate_argnums=0).lower(state, params, dt).compile()
         # Each call donates a fresh copy of the state, made outside the timing.
         times[count] = best_time_s(lambda fresh, compiled=compiled: compiled(fresh, params, dt), repeats,
-                                   setup=lambda: (_copy(state),))
+                                   setup=lambda: (fresh_copy(state),))
     return (times[IN_LOOP_SUBSTEPS] - times[1]) / (IN_LOOP_SUBSTEPS - 1)
 
 
@@ -187,7 +182,7 @@ def _per_step_slope(integrator, setup, solver, steps: int, repeats: int) -> dict
     merged reactions, the closing pass. The slope leaves those out and the
     intercept reports them.
     """
-    state = _copy(setup.state)
+    state = fresh_copy(setup.state)
     solver_dt = float(solver.dt_max)
 
     def call(count: int) -> tuple[float, int]:

@@ -270,15 +270,24 @@ class Integrator:
         return state
 
 
+def fresh_copy(tree: Any) -> Any:
+    """Every array leaf of ``tree`` in a new buffer of its own.
+
+    For a call that donates its arguments (the integrator's loop) when the
+    original must stay readable, and for a state whose leaves must not share a
+    buffer: one array shared by two leaves cannot be donated twice.
+    """
+    return jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), tree)
+
+
 def initial_state(model: Model, fields: jax.Array | np.ndarray, aux: Any = (), time: float = 0.0,
                   dtype=jnp.float32) -> State:
     """A :class:`State` from stacked fields (species, lesions, nx, ny, nz)."""
     fields = jnp.asarray(fields, dtype)
     if fields.shape != model.field_shape:
         raise ValueError(f"fields: got shape {fields.shape}; expected {model.field_shape}")
-    # Every leaf gets its own buffer: the loop donates the state, and one array
-    # shared by two leaves cannot be donated twice.
-    aux = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), aux)
+    # Every leaf gets its own buffer: the loop donates the state.
+    aux = fresh_copy(aux)
     return State(fields=fields, time=jnp.asarray(time, dtype), step=jnp.asarray(0, jnp.int32), aux=aux)
 
 

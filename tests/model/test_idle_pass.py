@@ -8,7 +8,7 @@ import numpy as np
 
 from tmesolve._pytree import replace
 from tmesolve.grid import Grid
-from tmesolve.integrate import Integrator, make_solver_params
+from tmesolve.integrate import Integrator, fresh_copy, make_solver_params
 from tmesolve.model.tme_setup import LesionSpec, setup_tme
 
 
@@ -75,7 +75,7 @@ def test_each_interval_measures_the_speed_of_its_start_state_single_and_batched(
     measured = setup.model.begin_interval(setup.state, setup.params)
     results = {}
     for name, start in (("stale", setup.state), ("measured", measured)):
-        state = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), start)
+        state = fresh_copy(start)
         state, _, diagnostics = Integrator(setup.model).advance(state, setup.params, solver, 2.0)
         results[name] = (np.asarray(state.fields), int(diagnostics["steps"]))
     batch = BatchIntegrator(setup.model)

@@ -9,12 +9,11 @@ after 12 h where a 0.005 h run had none (python -m benchmarks.dt_convergence).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tmesolve.grid import Grid
-from tmesolve.integrate import Integrator, make_solver_params
+from tmesolve.integrate import Integrator, fresh_copy, make_solver_params
 from tmesolve.model.tme_setup import LesionSpec, setup_tme
 
 RUN_H = 6.0
@@ -32,7 +31,7 @@ def test_oxygen_is_quasi_steady_and_independent_of_the_step():
     integrator = Integrator(model)
     finals = {}
     for dt_max in (0.5, 0.02):
-        start = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), setup.state)  # advance donates
+        start = fresh_copy(setup.state)  # advance donates
         state, _, diagnostics = integrator.advance(start, params, make_solver_params(dt_max), RUN_H)
         assert bool(diagnostics["finite"])
         finals[dt_max] = state

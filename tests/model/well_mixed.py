@@ -17,7 +17,7 @@ import numpy as np
 from scipy.integrate import solve_ivp
 
 from tmesolve.grid import Grid
-from tmesolve.integrate import Integrator, make_solver_params
+from tmesolve.integrate import Integrator, fresh_copy, make_solver_params
 from tmesolve.model import tme_reference
 from tmesolve.model.tme import SPECIES
 from tmesolve.model.tme_setup import setup_uniform_tissue
@@ -55,7 +55,7 @@ def well_mixed_errors(dts, t_end_h: float = T_END_H) -> tuple[list[str], dict[fl
     integrator = Integrator(model)
     runs = {}
     for dt in dts:
-        start = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True), state)
+        start = fresh_copy(state)
         final, _, _ = integrator.advance(start, params, make_solver_params(dt, dtype=jnp.float64), t_end_h)
         runs[dt] = final
 
