@@ -478,23 +478,25 @@ def _squared_distance_um2(grid: Grid, targets: np.ndarray,
     times: docs/performance.md).
 
     The cap keeps the distances below it exact: the nearest target of such a
-    voxel is within the cap along every axis, and every partial sum of its
-    squared distance is below the cap's square, so dropping the larger
-    partial sums after each axis (they could only give a distance above the
-    cap) loses nothing below it. (At the cap itself, rounding in s·h or in the
-    square may drop a voxel: callers leave a voxel or more of slack.)
+    voxel is within the cap along every axis, so the capped sweeps still
+    reach it; every value they give is a real target's squared distance, and
+    those above the cap's square are set to +inf at the end. (At the cap
+    itself, rounding in s·h or in the square may drop a voxel: callers leave a
+    voxel or more of slack.)
     """
     distance = np.where(targets, 0.0, np.inf)
     h = grid.spacing_um
     capped = math.isfinite(max_distance_um)
-    cap_squared = max_distance_um**2
     for axis, n in enumerate(grid.shape):
         if n == 1:
             continue
         source = distance
         result = source.copy()
-        reachable = np.broadcast_to(np.isfinite(source).any(axis=axis, keepdims=True), grid.shape)
-        last_shift = n - 1 if not capped else min(n - 1, math.floor(max_distance_um / h))
+        if capped:
+            last_shift = min(n - 1, math.floor(max_distance_um / h))
+        else:
+            last_shift = n - 1
+            reachable = np.broadcast_to(np.isfinite(source).any(axis=axis, keepdims=True), grid.shape)
         for shift in range(1, last_shift + 1):
             cost = (shift * h) ** 2
             lead = [slice(None)] * 3
@@ -506,16 +508,16 @@ def _squared_distance_um2(grid: Grid, targets: np.ndarray,
             np.minimum(result[lag_t], source[lead_t] + cost, out=result[lag_t])
             if capped or shift % 4:
                 # The stopping test costs as much as a shift: every 4th, and never
-                # under a cap, where voxels beyond it stay +inf and it would not pass.
+                # under a cap, whose few shifts it would not shorten.
                 continue
             finite = np.isfinite(result)
             if not np.any(reachable & ~finite) and (
                 not np.any(finite) or cost > result[finite].max()
             ):
                 break
-        if capped:
-            result[result > cap_squared] = np.inf
         distance = result
+    if capped:
+        distance[distance > max_distance_um**2] = np.inf
     return distance
 
 
@@ -877,9 +879,9 @@ def build_lesion_maps(
     # One distance transform serves the vessel regions and the stromal ring. They
     # depend on sd only below the rim width and the ring's outer edge, so the
     # transform stops beyond both (edge_distance_cap_um): the same maps, in O(n³).
-    ring_um = stroma_offset_um + stroma_width_um if stroma_width_um > 0 and stroma_density > 0 else 0.0
     edge_distance = signed_distance_to_edge(
-        grid, mask >= 0.5, max_distance_um=edge_distance_cap_um(grid, max(rim_width_um, ring_um))
+        grid, mask >= 0.5,
+        max_distance_um=edge_distance_cap_um(grid, max(rim_width_um, stroma_offset_um + stroma_width_um)),
     )
     vessels = vessel_map(
         grid,
