@@ -48,6 +48,8 @@ from tmesolve.integrate import Integrator, make_solver_params
 BRANCHES = ("reactions", "transport", "spectral", "identity")
 #: Trace events that are not kernels: the runtime's loops, branches and executors.
 _NOT_KERNELS = re.compile(r"^(\$|while\.|cond\.|ThunkExecutor|Slinky)|Thunk|Pjit")
+#: An instruction's line in HLO text, its name captured.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
 
 
 def _computations(hlo: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
@@ -60,7 +62,7 @@ def _computations(hlo: str) -> tuple[dict[str, str], dict[str, str], dict[str, s
         if header:
             current = header.group(1)
             continue
-        instruction = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        instruction = _INSTRUCTION.match(line)
         if not (instruction and current):
             continue
         owner[instruction.group(1)] = current
@@ -88,7 +90,7 @@ def _scopes(hlo: str) -> dict[str, str]:
     with an op_name, outermost first, joined by "/"; "-" where there is none."""
     scopes = {}
     for line in hlo.splitlines():
-        instruction = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        instruction = _INSTRUCTION.match(line)
         op_name = re.search(r'op_name="([^"]*)"', line)
         if not (instruction and op_name):
             continue
