@@ -71,7 +71,8 @@ def _first(analysis):
     return analysis or {}
 
 
-def _cost(compiled) -> dict | None:
+def compiled_cost(compiled) -> dict | None:
+    """XLA's cost analysis of a compiled executable (COST_KEYS, spaces as underscores), or None."""
     try:
         analysis = _first(compiled.cost_analysis())
     except Exception:  # noqa: BLE001 - not every backend implements it; a benchmark must not fail on it
@@ -132,6 +133,20 @@ def _in_loop_time_s(solver, state, params, dt, repeats: int) -> float:
     return (times[IN_LOOP_SUBSTEPS] - times[1]) / (IN_LOOP_SUBSTEPS - 1)
 
 
+def sub_solvers(setup) -> dict:
+    """{name: (solver(state, params, dt), dt, uses per Strang step)} of the three sub-solvers:
+    reactions and cell transport over DT_H/2 twice, the spectral step over DT_H once."""
+    model = setup.model
+    stepper = SplitStepper(model, 2)
+    half = jnp.asarray(0.5 * DT_H, jnp.float32)
+    full = jnp.asarray(DT_H, jnp.float32)
+    return {
+        "react": (lambda state, params, dt: model.react(state, params, dt), half, 2),
+        "transport": (lambda state, params, dt: model.transport(state, params, dt), half, 2),
+        "linear": (lambda state, params, dt: stepper.linear(state, params, dt), full, 1),
+    }
+
+
 def _substeps(setup, state, repeats: int) -> dict:
     """Compile and time each sub-solver alone; a Strang step = 2·react + 2·transport + linear.
 
@@ -139,15 +154,7 @@ def _substeps(setup, state, repeats: int) -> dict:
     sub-step inside a compiled loop (:func:`_in_loop_time_s`), which
     ``per_step_sum`` also sums as ``in_loop_time_s``.
     """
-    model = setup.model
-    stepper = SplitStepper(model, 2)
-    half = jnp.asarray(0.5 * DT_H, jnp.float32)
-    full = jnp.asarray(DT_H, jnp.float32)
-    solvers = {
-        "react": (lambda state, params, dt: model.react(state, params, dt), half, 2),
-        "transport": (lambda state, params, dt: model.transport(state, params, dt), half, 2),
-        "linear": (lambda state, params, dt: stepper.linear(state, params, dt), full, 1),
-    }
+    solvers = sub_solvers(setup)
     result = {}
     per_step = {"flops": 0.0, "bytes_accessed": 0.0, "time_s": 0.0, "in_loop_time_s": 0.0}
     for name, (solver, dt, uses) in solvers.items():
@@ -158,7 +165,7 @@ def _substeps(setup, state, repeats: int) -> dict:
             lambda compiled=compiled, dt=dt: compiled(state, setup.params, dt), repeats
         )
         in_loop_s = _in_loop_time_s(solver, state, setup.params, dt, repeats)
-        cost = _cost(compiled) or {}
+        cost = compiled_cost(compiled) or {}
         result[name] = {
             "uses_per_step": uses,
             "dt_h": float(dt),
@@ -175,7 +182,7 @@ def _substeps(setup, state, repeats: int) -> dict:
     return result
 
 
-def _per_step_slope(integrator, setup, solver, steps: int, repeats: int) -> dict:
+def per_step_slope(integrator, setup, solver, steps: int, repeats: int) -> dict:
     """Per-step time as the slope between calls of ``steps`` and 2·``steps`` steps.
 
     A call also pays once per interval: begin_interval, the readouts and, with
@@ -217,7 +224,7 @@ def _merged_against_plain(n: int, lesions: int, steps: int, repeats: int) -> dic
     figures = {}
     for name, merge in (("plain", False), ("merged", True)):
         setup = case_setup(n, lesions)
-        figures[name] = _per_step_slope(Integrator(setup.model, 2, merge), setup, solver, steps, repeats)
+        figures[name] = per_step_slope(Integrator(setup.model, 2, merge), setup, solver, steps, repeats)
     figures["ratio_plain_to_merged"] = ratio(figures["plain"]["time_per_step_s"],
                                              figures["merged"]["time_per_step_s"])
     return figures
@@ -280,7 +287,7 @@ def measure_case(
         result["compile_loop_cache_s"] = time.perf_counter() - start
         result["compile_loop_cache_source"] = source
         result["compile_loop_cache_traces"] = rerun.trace_count
-    result["cost_analysis_chunk"] = _cost(compiled)
+    result["cost_analysis_chunk"] = compiled_cost(compiled)
     result["memory"] = _memory(compiled, values)
 
     def advance(steps: int):

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -260,3 +262,46 @@ def test_in_loop_time_of_a_sub_solver_copies_the_state_it_donates():
                               jnp.asarray(0.5 * DT_H, jnp.float32), repeats=1)
     assert math.isfinite(seconds)
     np.testing.assert_array_equal(np.asarray(setup.state.fields), before)
+
+
+def test_xla_counts_each_transcendental_once_per_value():
+    """The arithmetic floor rests on XLA's transcendental count: one per exp, log, expm1 and
+    log1p per value, a repeated exp counted once (CSE), a division not a transcendental."""
+    from benchmarks.tme_step import compiled_cost
+
+    values = jnp.linspace(0.1, 1.0, 1000, dtype=jnp.float32)
+
+    def count(function):
+        return compiled_cost(jax.jit(function).lower(values).compile()).get("transcendentals", 0.0)
+
+    assert count(lambda x: jnp.exp(x) + jnp.log(x) + jnp.expm1(x) + jnp.log1p(x)) == 4000
+    assert count(lambda x: jnp.exp(2.0 * x) * jnp.exp(x * 2.0)) == 1000
+    assert count(lambda x: 1.0 / x) == 0
+
+
+def test_arithmetic_floor_counts_the_step_and_compares_it_with_the_budget(tmp_path):
+    """python -m benchmarks.arithmetic_floor --quick on an 8³ lesion: rates, counts, floor and budget."""
+    from benchmarks import arithmetic_floor
+
+    out = tmp_path / "floor.json"
+    arithmetic_floor.main(["--case", "8x1", "--steps", "1", "--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["machine"]["backend"] == jax.default_backend() and result["quick"] is True
+    for name in (*arithmetic_floor.OPERATIONS, "numpy_exp"):
+        assert positive(result["rates_per_s"][name]), name
+    parts = result["operation_counts"]["sub_solvers"]
+    assert {name: part["uses_per_step"] for name, part in parts.items()} == {"react": 2, "transport": 2, "linear": 1}
+    per_step = result["operation_counts"]["per_voxel_per_step"]
+    # Per voxel and step: the weighted sum of the sub-solvers' counts; the reactions' exponentials are in it.
+    assert per_step["transcendentals"] == pytest.approx(
+        sum(part["uses_per_step"] * part["transcendentals_per_voxel"] for part in parts.values()), rel=1e-3)
+    assert parts["react"]["transcendentals_per_voxel"] >= 9  # at least the nine reacting fields' exponentials
+    budget = 8 * result["fields"] * 8**3 / (0.5 * result["roofline_GBps"] * 1e9)
+    assert result["budget_s"] == pytest.approx(budget, rel=1e-3)
+    floor = per_step["transcendentals"] * 8**3 / max(result["rates_per_s"]["exp"], result["rates_per_s"]["numpy_exp"])
+    assert result["floor_transcendentals_s"] == pytest.approx(floor, rel=1e-2)
+    assert result["floor_over_budget"] == pytest.approx(result["floor_transcendentals_s"] / result["budget_s"],
+                                                        rel=1e-2)
+    assert result["step_time_s"] is None and result["floor_share_of_step"] is None  # not timed in a quick run
+    with pytest.raises(SystemExit):
+        arithmetic_floor.main(["--case", "3x1"])
