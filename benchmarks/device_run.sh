@@ -18,7 +18,7 @@
 #   patterns (not run unless named in PARTS, 45 s) benchmarks.cpu_patterns on the device:
 #            among others whether a stack's transforms run faster field by field there too
 #            (tmesolve.spectral.transforms_field_by_field chooses that on CPUs only)
-#   floor    (not run unless named in PARTS, 90 s) benchmarks.arithmetic_floor at 1 x 256^3: the
+#   floor    (not run unless named in PARTS, 150 s) benchmarks.arithmetic_floor at 1 x 256^3: the
 #            step's transcendentals at the device's exp rate against 50 % of the HBM roofline
 #
 # Needs JAX with its GPU plugin, numpy, h5py, PyYAML (the cohort presets) and
@@ -62,7 +62,7 @@ for name in $PARTS; do
         tests)   part tests 60 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/verification \
                      tests/model/test_tme_local.py tests/model/test_oxygen.py -k "not well_mixed" ;;
         patterns) part patterns 45 "$PYTHON" -m benchmarks.cpu_patterns --out "$OUT/patterns.json" ;;
-        floor)   part floor 90 "$PYTHON" -m benchmarks.arithmetic_floor --case 256x1 --out "$OUT/arithmetic-floor.json" ;;
+        floor)   part floor 150 "$PYTHON" -m benchmarks.arithmetic_floor --case 256x1 --out "$OUT/arithmetic-floor.json" ;;
         *)       echo "unknown part: $name (expected pde50, tme, largest, cohort, tests, patterns, floor)" | tee -a "$OUT/log.txt"
                  failed=1 ;;
     esac
