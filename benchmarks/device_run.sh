@@ -22,7 +22,7 @@
 #            step's transcendentals at the device's exp rate against 50 % of the HBM roofline
 #
 # Needs JAX with its GPU plugin, numpy, h5py, PyYAML (the cohort presets) and
-# pytest; the benchmarks and these tests do not import Hydra or lifelines, so
+# pytest (the tests part replaces pyproject's addopts: one process, no pytest-xdist); the benchmarks and these tests do not import Hydra or lifelines, so
 # on an image with those no wheels need to travel. JAX is told not to reserve
 # most of the GPU's memory up front (XLA_PYTHON_CLIENT_PREALLOCATE=false): the
 # largest-lesion and cohort parts start child processes that need it. Results: one JSON per part and
@@ -59,7 +59,7 @@ for name in $PARTS; do
                      --timeout-s 120 --out "$OUT/largest-lesion.json" ;;
         cohort)  part cohort 90 "$PYTHON" -m benchmarks.cohort_batch --patients 16 --days 16 \
                      --singles 1 --out "$OUT/cohort-batch.json" ;;
-        tests)   part tests 60 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/verification \
+        tests)   part tests 60 "$PYTHON" -m pytest -q -x -p no:cacheprovider -o "addopts=-ra --import-mode=importlib" tests/verification \
                      tests/model/test_tme_local.py tests/model/test_oxygen.py -k "not well_mixed" ;;
         patterns) part patterns 45 "$PYTHON" -m benchmarks.cpu_patterns --out "$OUT/patterns.json" ;;
         floor)   part floor 150 "$PYTHON" -m benchmarks.arithmetic_floor --case 256x1 --out "$OUT/arithmetic-floor.json" ;;
