@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +63,7 @@ import numpy as np
 
 from benchmarks import best_time_s, ratio, rounded, write_json
 from benchmarks.bandwidth import measure_bandwidth
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, usable_cores
 from benchmarks.tme_step import (
     BYTES_PER_VALUE_TOUCHED_ONCE,
     DT_H,
@@ -133,19 +132,12 @@ def backend_rates_per_s(repeats: int, values: int) -> dict:
     return rates
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def numpy_exp_rate_per_s(repeats: int, values: int) -> dict:
     """Values per second of numpy's exp, one contiguous part of the values per usable core,
     each on its own thread (numpy's ufuncs release the GIL), written into preallocated
     outputs. An absolute time, not a slope: the threads' dispatch is in it, so the rate
     is if anything low."""
-    threads = _usable_cores()
+    threads = usable_cores()
     parts = np.array_split(np.linspace(0.1, 1.0, values, dtype=np.float32), threads)
     outputs = [np.empty_like(part) for part in parts]
     with ThreadPoolExecutor(threads) as pool:
@@ -187,8 +179,7 @@ def step_operation_counts(setup) -> dict:
 def measure(n: int, lesions: int, steps: int, quick: bool = False) -> dict:
     """All figures of one case (see the module docstring); ``quick``: small arrays, few repeats."""
     on_cpu = jax.default_backend() == "cpu"
-    values = RATE_VALUES["cpu" if on_cpu else "device"]
-    repeats, values = (3, 1 << 16) if quick else (20, values)
+    repeats, values = (3, 1 << 16) if quick else (20, RATE_VALUES["cpu" if on_cpu else "device"])
     bandwidth = measure_bandwidth(16, 3) if quick else measure_bandwidth()
     rates = backend_rates_per_s(repeats, values)
     numpy_exp = numpy_exp_rate_per_s(repeats, values)

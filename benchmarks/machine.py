@@ -74,13 +74,17 @@ def hostname() -> str:
     return cleaned or "dev"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; all cores where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def machine_info() -> dict:
     """Machine, backend, device, versions, git commit and time (UTC) of this run."""
     device = jax.devices()[0]
-    try:
-        usable_cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable_cores = os.cpu_count()
     from tmesolve.simulation import git_commit
 
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -92,7 +96,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": usable_cores,
+        "cpu_cores_usable": usable_cores(),
         "memory_total_GiB": _memory_total_gib(),
         "load_average_at_start": load_average(),
         "backend": jax.default_backend(),
