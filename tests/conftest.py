@@ -1,4 +1,5 @@
-"""Shared test settings: float64 is switched on per test via the ``x64`` fixture."""
+"""Shared test settings: float64 is switched on per test via the ``x64`` fixture, and one
+persistent JAX compilation cache serves the whole session (``suite_compilation_cache``)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,52 @@ import os
 import signal
 import sys
 import weakref
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from tmesolve import executable_cache  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in one folder for the session, shared by the
+    pytest-xdist workers, so a program that several tests compile (the same model,
+    shapes and settings) is compiled once: on a 2-core VM most of the suite's time is
+    XLA compiles. The executables are XLA's own, so the values are the same bit for bit.
+
+    tmesolve's compiled-loop cache (:mod:`tmesolve.executable_cache`), which JAX's
+    cache switches on, stays off in this folder: a loop loaded from it is not traced,
+    and tests count traces, so a count would depend on which test ran first. Tests of
+    that cache, and runs that configure ``output.compilation_cache_dir``, use folders
+    of their own, where it works as in a run.
+    """
+    worker_root = tmp_path_factory.getbasetemp()
+    run_root = worker_root.parent if os.environ.get("PYTEST_XDIST_WORKER") else worker_root
+    folder = run_root / "jax-compilation-cache"
+    folder.mkdir(exist_ok=True)
+    saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    loop_cache_directory = executable_cache.cache_directory
+
+    def loop_cache_outside_the_suite_folder() -> Path | None:
+        directory = loop_cache_directory()
+        return None if directory is not None and directory.parent == folder else directory
+
+    executable_cache.cache_directory = loop_cache_outside_the_suite_folder
+    yield folder
+    executable_cache.cache_directory = loop_cache_directory
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")
 
 
 @pytest.fixture

@@ -131,12 +131,18 @@ def test_a_model_whose_code_is_not_tmesolves_is_compiled_as_usual(cache_dir):
     assert source == "jit" and not cache_dir.exists()
 
 
-def test_without_a_persistent_cache_nothing_is_written(tmp_path):
-    if executable_cache.cache_directory() is not None:
+def test_without_a_persistent_cache_nothing_is_written(suite_compilation_cache):
+    # Tests that configure a cache of their own restore the session's (tests/conftest.py).
+    if jax.config.jax_compilation_cache_dir != str(suite_compilation_cache):
         pytest.fail("a persistent cache was left configured by an earlier test")
-    integrator = Integrator(FisherKPP(GRID, path="explicit"))
-    _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
-                                   make_solver_params(0.1))
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert executable_cache.cache_directory() is None
+        integrator = Integrator(FisherKPP(GRID, path="explicit"))
+        _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                       make_solver_params(0.1))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", str(suite_compilation_cache))
     assert source == "jit"
 
 
@@ -354,3 +360,13 @@ def test_stale_temporary_files_go_and_a_size_limit_keeps_the_recently_used(cache
     # A limit of 0 means "cache nothing", as for JAX's own cache.
     jax.config.update("jax_compilation_cache_max_size", 0)
     assert executable_cache.cache_directory() is None
+
+
+def test_the_test_sessions_own_cache_folder_leaves_the_loop_cache_off(suite_compilation_cache):
+    """The session's JAX cache (tests/conftest.py) must not load loops: tests count traces."""
+    assert jax.config.jax_compilation_cache_dir == str(suite_compilation_cache)
+    assert executable_cache.cache_directory() is None
+    integrator = Integrator(FisherKPP(GRID, path="explicit"))
+    _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
+                                   make_solver_params(0.1))
+    assert source == "jit" and integrator.trace_count == 1
