@@ -89,3 +89,32 @@ def _signal_in_a_weakref_callback(signum: int) -> list[BaseException]:
 def signal_in_a_weakref_callback():
     """:func:`_signal_in_a_weakref_callback`, for a test to swallow a signal handler's stop."""
     return _signal_in_a_weakref_callback
+
+
+#: Test files that take longest, longest first (seconds of test time on a 2-core VM:
+#: scenarios 238, Slurm 150 where CI starts one, benchmark smoke tests 168, cohort 127,
+#: local terms 68, idle pass 67, resume 59; the rest under 25 each). pytest-xdist hands
+#: files to its workers in collection order (``--no-loadscope-reorder`` in pyproject's
+#: addopts), so these start first and the short files fill in around them, instead of a
+#: long file starting last while the other worker has nothing left to do.
+LONGEST_FILES_FIRST = (
+    "tests/model/test_tme_scenarios.py",
+    "tests/test_benchmarks_quick.py",
+    "tests/app/test_slurm.py",
+    "tests/test_cohort.py",
+    "tests/model/test_tme_local.py",
+    "tests/model/test_idle_pass.py",
+    "tests/app/test_resume.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the files of LONGEST_FILES_FIRST first, in that order; the tests of a file keep theirs."""
+    rank = {path: position for position, path in enumerate(LONGEST_FILES_FIRST)}
+    root = Path(config.rootpath)
+
+    def file_rank(item) -> int:
+        path = Path(item.path).relative_to(root).as_posix()
+        return rank.get(path, len(rank))
+
+    items.sort(key=file_rank)  # stable: everything else keeps its collection order
