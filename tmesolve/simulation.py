@@ -45,6 +45,7 @@ import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from tmesolve import interrupts
 from tmesolve._pytree import pytree_dataclass
@@ -260,8 +261,12 @@ def configure_compilation_cache(
     """Use a persistent compilation cache in ``directory`` (None: leave JAX as it is).
 
     Every compiled chunk is cached (no minimum compile time or size), so the
-    jobs of a sweep that share the directory compile once. Must run before
-    the first compilation of the process to take effect.
+    jobs of a sweep that share the directory compile once. Programs compiled
+    before the call are not cached. JAX opens its cache once per process, in
+    the folder set at the first compile after one is set, and ignores a later
+    change of folder; a new folder therefore resets JAX's cache, so that runs
+    in one process (a sweep's jobs run in turn, a notebook) write where each
+    says.
     """
     if directory is None:
         return None
@@ -271,7 +276,9 @@ def configure_compilation_cache(
     except OSError as error:
         log.warning("compilation cache %s unusable (%s); compiling without it", path, error)
         return None
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    if jax.config.jax_compilation_cache_dir != str(path):
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return str(path)
