@@ -13,12 +13,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from compilation_cache_settings import restore_compilation_cache  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 from tmesolve import executable_cache  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
-def suite_compilation_cache(tmp_path_factory):
+def suite_compilation_cache(request, tmp_path_factory):
     """JAX's persistent compilation cache in one folder for the session, shared by the
     pytest-xdist workers, so a program that several tests compile (the same model,
     shapes and settings) is compiled once: on a 2-core VM most of the suite's time is
@@ -28,16 +30,19 @@ def suite_compilation_cache(tmp_path_factory):
     cache switches on, stays off in this folder: a loop loaded from it is not traced,
     and tests count traces, so a count would depend on which test ran first. Tests of
     that cache, and runs that configure ``output.compilation_cache_dir``, use folders
-    of their own, where it works as in a run.
+    of their own (``configure_compilation_cache`` moves JAX's cache there too), where
+    both caches work as in a run; the fixtures that switch folders put the session's
+    back with :func:`restore_compilation_cache`.
     """
     worker_root = tmp_path_factory.getbasetemp()
-    run_root = worker_root.parent if os.environ.get("PYTEST_XDIST_WORKER") else worker_root
+    run_root = worker_root.parent if hasattr(request.config, "workerinput") else worker_root
     folder = run_root / "jax-compilation-cache"
     folder.mkdir(exist_ok=True)
     saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    compilation_cache.reset_cache()
     loop_cache_directory = executable_cache.cache_directory
 
     def loop_cache_outside_the_suite_folder() -> Path | None:
@@ -47,8 +52,7 @@ def suite_compilation_cache(tmp_path_factory):
     executable_cache.cache_directory = loop_cache_outside_the_suite_folder
     yield folder
     executable_cache.cache_directory = loop_cache_directory
-    for name, value in saved.items():
-        jax.config.update(name, value)
+    restore_compilation_cache(saved)
 
 
 _CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
@@ -111,10 +115,12 @@ LONGEST_FILES_FIRST = (
 def pytest_collection_modifyitems(config, items):
     """Run the files of LONGEST_FILES_FIRST first, in that order; the tests of a file keep theirs."""
     rank = {path: position for position, path in enumerate(LONGEST_FILES_FIRST)}
-    root = Path(config.rootpath)
+    repository = Path(__file__).resolve().parent.parent
 
     def file_rank(item) -> int:
-        path = Path(item.path).relative_to(root).as_posix()
-        return rank.get(path, len(rank))
+        path = Path(item.path).resolve()
+        if not path.is_relative_to(repository):
+            return len(rank)
+        return rank.get(path.relative_to(repository).as_posix(), len(rank))
 
     items.sort(key=file_rank)  # stable: everything else keeps its collection order

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from compilation_cache_settings import restore_compilation_cache
 
 from tmesolve import executable_cache
 from tmesolve.grid import Grid
@@ -26,8 +28,7 @@ def cache_dir(tmp_path):
 
     configure_compilation_cache(tmp_path / "jax")
     yield tmp_path / "jax" / executable_cache.SUBDIRECTORY
-    for name, value in saved.items():
-        jax.config.update(name, value)
+    restore_compilation_cache(saved)
 
 
 def fisher_state(model):
@@ -142,7 +143,7 @@ def test_without_a_persistent_cache_nothing_is_written(suite_compilation_cache):
         _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
                                        make_solver_params(0.1))
     finally:
-        jax.config.update("jax_compilation_cache_dir", str(suite_compilation_cache))
+        restore_compilation_cache({"jax_compilation_cache_dir": str(suite_compilation_cache)})
     assert source == "jit"
 
 
@@ -370,3 +371,18 @@ def test_the_test_sessions_own_cache_folder_leaves_the_loop_cache_off(suite_comp
     _, source = integrator.compile(fisher_state(integrator.model), fisher_kpp_params(100.0, 0.5),
                                    make_solver_params(0.1))
     assert source == "jit" and integrator.trace_count == 1
+
+
+def test_a_new_cache_folder_takes_jaxs_own_cache_with_it(tmp_path):
+    """JAX opens its cache once per process; configure_compilation_cache moves it to a new folder."""
+    from tmesolve.simulation import configure_compilation_cache
+
+    saved = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
+    try:
+        for scale in (5.0, 6.0):  # a program of its own for each folder
+            folder = tmp_path / f"cache-{scale:g}"
+            configure_compilation_cache(folder)
+            jax.block_until_ready(jax.jit(lambda x, scale=scale: scale * x + 1.0)(jnp.ones(3)))
+            assert any(folder.iterdir()), f"JAX wrote nothing to {folder}"
+    finally:
+        restore_compilation_cache(saved)

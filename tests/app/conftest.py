@@ -22,6 +22,7 @@ import h5py
 import jax
 import numpy as np
 import pytest
+from compilation_cache_settings import restore_compilation_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,8 +56,7 @@ def app_environment(app_cache_dir):
         os.environ.pop("TMESOLVE_CACHE_DIR", None)
     else:
         os.environ["TMESOLVE_CACHE_DIR"] = saved_cache
-    for name, value in saved_settings.items():
-        jax.config.update(name, value)
+    restore_compilation_cache(saved_settings)  # JAX's cache back in the session's folder
 
 
 @pytest.fixture
