@@ -1,9 +1,18 @@
-"""Putting JAX's persistent-cache settings back after a test switched them."""
+"""Saving JAX's persistent-cache settings, and putting them back after a test switched them."""
 
 from __future__ import annotations
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
+
+#: The settings tmesolve.simulation.configure_compilation_cache and the tests change.
+CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+
+
+def saved_compilation_cache_settings() -> dict:
+    """JAX's CACHE_SETTINGS now (name: value), for :func:`restore_compilation_cache`."""
+    return {name: getattr(jax.config, name) for name in CACHE_SETTINGS}
 
 
 def restore_compilation_cache(saved: dict) -> None:

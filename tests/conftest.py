@@ -13,10 +13,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from compilation_cache_settings import restore_compilation_cache  # noqa: E402
-from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
+from compilation_cache_settings import restore_compilation_cache, saved_compilation_cache_settings  # noqa: E402
 
 from tmesolve import executable_cache  # noqa: E402
+from tmesolve.simulation import configure_compilation_cache  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,12 +37,8 @@ def suite_compilation_cache(request, tmp_path_factory):
     worker_root = tmp_path_factory.getbasetemp()
     run_root = worker_root.parent if hasattr(request.config, "workerinput") else worker_root
     folder = run_root / "jax-compilation-cache"
-    folder.mkdir(exist_ok=True)
-    saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    compilation_cache.reset_cache()
+    saved = saved_compilation_cache_settings()
+    configure_compilation_cache(folder)  # as a run does: every program cached
     loop_cache_directory = executable_cache.cache_directory
 
     def loop_cache_outside_the_suite_folder() -> Path | None:
@@ -53,10 +49,6 @@ def suite_compilation_cache(request, tmp_path_factory):
     yield folder
     executable_cache.cache_directory = loop_cache_directory
     restore_compilation_cache(saved)
-
-
-_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                   "jax_persistent_cache_min_entry_size_bytes")
 
 
 @pytest.fixture

@@ -8,22 +8,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from compilation_cache_settings import restore_compilation_cache
+from compilation_cache_settings import restore_compilation_cache, saved_compilation_cache_settings
 
 from tmesolve import executable_cache
 from tmesolve.grid import Grid
 from tmesolve.integrate import BatchIntegrator, Integrator, initial_state, make_solver_params, stack_pytrees
 from tmesolve.model.verification import DiffusionDecay, FisherKPP, diffusion_decay_params, fisher_kpp_params
 
-_JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                 "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
 GRID = Grid((8, 8, 8), 20.0)
 
 
 @pytest.fixture
 def cache_dir(tmp_path):
     """A fresh persistent cache for one test; JAX's settings restored afterwards."""
-    saved = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
+    saved = saved_compilation_cache_settings()
     from tmesolve.simulation import configure_compilation_cache
 
     configure_compilation_cache(tmp_path / "jax")
@@ -377,7 +375,7 @@ def test_a_new_cache_folder_takes_jaxs_own_cache_with_it(tmp_path):
     """JAX opens its cache once per process; configure_compilation_cache moves it to a new folder."""
     from tmesolve.simulation import configure_compilation_cache
 
-    saved = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
+    saved = saved_compilation_cache_settings()
     try:
         for scale in (5.0, 6.0):  # a program of its own for each folder
             folder = tmp_path / f"cache-{scale:g}"

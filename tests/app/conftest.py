@@ -22,20 +22,12 @@ import h5py
 import jax
 import numpy as np
 import pytest
-from compilation_cache_settings import restore_compilation_cache
+from compilation_cache_settings import restore_compilation_cache, saved_compilation_cache_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Overrides that make a verification run tiny (8³ cells, no figures).
 TINY = ["grid.shape=[8,8,8]", "output.plots=false", "output.progress=log"]
-
-_JAX_SETTINGS = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-    "jax_enable_x64",
-)
-
 
 @pytest.fixture(scope="session")
 def app_cache_dir(tmp_path_factory):
@@ -48,7 +40,7 @@ def app_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def app_environment(app_cache_dir):
     """One compilation cache for the folder's runs; JAX settings restored after each module."""
-    saved_settings = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
+    saved_settings = {**saved_compilation_cache_settings(), "jax_enable_x64": jax.config.jax_enable_x64}
     saved_cache = os.environ.get("TMESOLVE_CACHE_DIR")
     os.environ["TMESOLVE_CACHE_DIR"] = str(app_cache_dir)
     yield
