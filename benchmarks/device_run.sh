@@ -22,8 +22,9 @@
 #            step's transcendentals at the device's exp rate against 50 % of the HBM roofline
 #
 # Needs JAX with its GPU plugin, numpy, h5py, PyYAML (the cohort presets) and
-# pytest (the tests part replaces pyproject's addopts: one process, no pytest-xdist); the benchmarks and these tests do not import Hydra or lifelines, so
-# on an image with those no wheels need to travel. JAX is told not to reserve
+# pytest (the tests part replaces pyproject's addopts: one process, no
+# pytest-xdist); the benchmarks and these tests do not import Hydra or
+# lifelines, so on an image with those no wheels need to travel. JAX is told not to reserve
 # most of the GPU's memory up front (XLA_PYTHON_CLIENT_PREALLOCATE=false): the
 # largest-lesion and cohort parts start child processes that need it. Results: one JSON per part and
 # log.txt in $OUT (default ./device-out). Each part's exit status is logged;
